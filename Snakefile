@@ -1,0 +1,25 @@
+# int4-lora-bench: validate and benchmark INT4 + LoRA inference (HF NF4 + PEFT, vLLM W4A16 + LoRA).
+# Default config is the GPU matrix; the offline CPU demo is `--configfile config/offline-cpu.yaml`.
+
+# A --configfile on the command line replaces config.yaml instead of merging into it, so
+# that a preset never inherits the GPU matrix's models.
+if not config:
+
+    configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/bench.smk"
+include: "workflow/rules/validate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/report/report.md",
+        f"{RESULTS}/report/index.html",
+    default_target: True

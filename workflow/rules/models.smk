@@ -1,0 +1,61 @@
+rule fetch_model:
+    output:
+        f"{RESULTS}/models/{{model}}.json",
+    params:
+        spec=lambda wc: MODELS[wc.model],
+        cache_dir=config["cache_dir"],
+        device=config["device"],
+    log:
+        "logs/fetch_model/{model}.log",
+    benchmark:
+        "benchmarks/fetch_model/{model}.tsv"
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    conda:
+        "../../envs/hf.yaml"
+    script:
+        "../scripts/fetch_model.py"
+
+
+rule quantize:
+    input:
+        model=model_json,
+    output:
+        f"{RESULTS}/quantize/{{model}}/{{engine}}.json",
+    params:
+        engine_cfg=lambda wc: ENGINES[wc.engine],
+        cache_dir=config["cache_dir"],
+    log:
+        "logs/quantize/{model}/{engine}.log",
+    benchmark:
+        "benchmarks/quantize/{model}/{engine}.tsv"
+    resources:
+        gpu=uses_gpu,
+        mem_mb=64000,
+        runtime=120,
+    conda:
+        "../../envs/quantize.yaml"
+    script:
+        "../scripts/quantize.py"
+
+
+rule make_adapter:
+    input:
+        model=model_json,
+    output:
+        f"{RESULTS}/adapters/{{model}}/{{adapter}}.json",
+    params:
+        spec=lambda wc: ADAPTERS[wc.adapter],
+        cache_dir=config["cache_dir"],
+    log:
+        "logs/make_adapter/{model}/{adapter}.log",
+    benchmark:
+        "benchmarks/make_adapter/{model}/{adapter}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/hf.yaml"
+    script:
+        "../scripts/make_adapter.py"

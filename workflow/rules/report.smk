@@ -1,0 +1,63 @@
+rule aggregate:
+    input:
+        all_results(),
+    output:
+        expand(f"{RESULTS}/tables/{{table}}.csv",
+               table=["bench", "overhead", "memory", "validation", "coverage", "quality",
+                      "status"]),
+    params:
+        outdir=f"{RESULTS}/tables",
+    log:
+        "logs/aggregate.log",
+    benchmark:
+        "benchmarks/aggregate.tsv"
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/aggregate.py"
+
+
+rule plots:
+    input:
+        rules.aggregate.output,
+    output:
+        report(
+            expand(f"{RESULTS}/figures/{{figure}}.png",
+                   figure=["decode_throughput", "lora_overhead", "memory_breakdown", "ttft",
+                           "weight_coverage"]),
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    params:
+        tables=f"{RESULTS}/tables",
+        outdir=f"{RESULTS}/figures",
+    log:
+        "logs/plots.log",
+    benchmark:
+        "benchmarks/plots.tsv"
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/plots.py"
+
+
+rule report:
+    input:
+        tables=rules.aggregate.output,
+        figures=rules.plots.output,
+    output:
+        md=report(f"{RESULTS}/report/report.md", caption="../report/report.rst",
+                  category="Report"),
+        html=report(f"{RESULTS}/report/index.html", caption="../report/report.rst",
+                    category="Report"),
+    params:
+        tables=f"{RESULTS}/tables",
+        figures=f"{RESULTS}/figures",
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    conda:
+        "../../envs/report.yaml"
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,129 @@
+"""Rule aggregate: every result JSON -> tidy CSV tables (pandas). Reads only JSON."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from int4lora.resultio import read_json
+
+STAT_KEYS = ("median", "p90", "p99", "std", "n")
+ENV_KEYS = ("device", "gpu", "driver", "cuda", "cpu", "torch", "transformers", "vllm",
+            "bitsandbytes", "peft", "llmcompressor", "compressed-tensors", "git_commit",
+            "hostname", "config_hash", "started")
+TABLES = ("bench", "overhead", "memory", "validation", "coverage", "quality", "status")
+
+
+def _flat(prefix: str, stats: dict) -> dict:
+    return {f"{prefix}_{k}": stats.get(k) for k in STAT_KEYS}
+
+
+def bench_rows(res: dict) -> list[dict]:
+    rows = []
+    key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           "mode": res["params"]["mode"]}
+    for run in res["metrics"].get("runs", []):
+        row = {**key, "variant": run["variant"], "batch": run["batch"],
+               "status": run.get("status", "ok"), "reason": run.get("reason")}
+        for metric in ("ttft_s", "tpot_s", "e2e_s", "output_tok_s", "prefill_tok_s"):
+            if metric in run:
+                row.update(_flat(metric, run[metric]))
+        for extra in ("bytes_per_step", "tpot_floor_s", "roofline_fraction"):
+            row[extra] = run.get(extra)
+        rows.append(row)
+    return rows
+
+
+def overhead_rows(res: dict) -> list[dict]:
+    key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"]}
+    rows = []
+    for o in res["metrics"].get("overhead", []):
+        row = {**key, "batch": o["batch"], "variant": o["numerator"],
+               "against": o["denominator"]}
+        for metric in ("tpot_ratio", "e2e_ratio", "ttft_ratio"):
+            row.update(_flat(metric, o[metric]))
+        rows.append(row)
+    return rows
+
+
+def memory_rows(res: dict) -> list[dict]:
+    m = res["metrics"]
+    row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           "batch": m.get("batch"), "peak_bytes": m.get("peak_bytes"),
+           "weight_bytes": m.get("weight_bytes"), "adapter_bytes": m.get("adapter_bytes"),
+           "kv_cache_bytes": m.get("kv_cache_bytes")}
+    for part, value in (m.get("attribution") or {}).items():
+        row[f"part_{part}"] = value
+    for dtype, value in ((m.get("weight_storage") or {}).get("bytes_by_dtype") or {}).items():
+        row[f"dtype_{dtype}"] = value
+    return [row]
+
+
+def validation_rows(res: dict) -> list[dict]:
+    key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           "adapter_kind": res["metrics"].get("adapter_kind")}
+    return [{**key, **c} for c in res["metrics"].get("checks", [])]
+
+
+def coverage_rows(res: dict) -> list[dict]:
+    storage = res["metrics"].get("coverage") or {}
+    rows = []
+    for family, f in (storage.get("families") or {}).items():
+        if f.get("elements") or f.get("bytes"):
+            rows.append({"model": res["model"], "engine": res["engine"], "family": family,
+                         "bytes": f["bytes"], "elements": f["elements"],
+                         "elements_4bit": f["elements_4bit"], "share_4bit": f.get("share_4bit")})
+    return rows
+
+
+def quality_rows(res: dict) -> list[dict]:
+    q = res["metrics"].get("quality") or {}
+    a = res["metrics"].get("agreement") or {}
+    return [{"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+             "synthetic": res["metrics"].get("synthetic"), **q,
+             "base_top1": (a.get("base") or {}).get("top1_agreement"),
+             "adapter_top1": (a.get("adapter") or {}).get("top1_agreement"),
+             "adapter_effect_rel_error": a.get("adapter_effect_rel_error"),
+             "quant_top1_vs_original": (a.get("quantization") or {}).get("top1_agreement")}]
+
+
+def main(inputs: list[str], outdir: str) -> dict[str, pd.DataFrame]:
+    tables = {name: [] for name in TABLES}
+    for path in sorted(inputs):
+        res = read_json(path)
+        tables["status"].append({"kind": res["kind"], "model": res["model"],
+                                 "engine": res["engine"], "adapter": res["adapter"],
+                                 "status": res["status"], "reason": res.get("reason"),
+                                 "file": str(path),
+                                 **{f"env_{k}": res["env"].get(k) for k in ENV_KEYS}})
+        if res["status"] != "ok":
+            continue
+        if res["kind"] == "bench":
+            tables["bench"] += bench_rows(res)
+            tables["overhead"] += overhead_rows(res)
+        elif res["kind"] == "memory":
+            tables["memory"] += memory_rows(res)
+        elif res["kind"] == "validate":
+            tables["validation"] += validation_rows(res)
+            tables["quality"] += quality_rows(res)
+            if res["adapter"] == sorted_first_adapter(res):
+                tables["coverage"] += coverage_rows(res)
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    frames = {}
+    for name, rows in tables.items():
+        df = pd.DataFrame(rows)
+        tmp = Path(outdir) / f".{name}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(Path(outdir) / f"{name}.csv")
+        frames[name] = df
+    return frames
+
+
+def sorted_first_adapter(res: dict) -> str:
+    """Coverage does not depend on the adapter: keep one row set per (model, engine)."""
+    return res["adapter"] if res["metrics"].get("adapter_kind") != "experts" else ""
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    from int4lora import smk
+    sm = snakemake  # noqa: F821
+    smk.run(sm, main, inputs=list(sm.input), outdir=sm.params.outdir)

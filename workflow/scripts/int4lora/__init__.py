@@ -1,0 +1,1 @@
+"""Shared helpers of the int4-lora-bench pipeline: result IO, statistics, models, engines."""

@@ -1,0 +1,201 @@
+"""HF engine: transformers + bitsandbytes NF4 (quantized at load) + PEFT LoRA.
+
+Runs on the CPU (tests, demo) and on CUDA. Two decode modes: plain `generate` and
+`static-compile` (static KV cache; transformers compiles the decode step on CUDA).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .base import BatchTiming, ScoredSequence
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class _TokenClock:
+    """A generate() streamer that timestamps every decode step (first put() is the prompt)."""
+
+    def __init__(self):
+        self.prompt_seen = False
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def resolve_dtype(name: str):
+    import torch
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_model(model_path: str, *, quantization: str, compute_dtype: str, device: str,
+               quantize_experts: bool = True, adapters: dict[str, str] | None = None):
+    """quantization: 'nf4' (bitsandbytes at load, experts too where the model has them) or
+    'none' (plain weights in compute_dtype, the reference). With adapters, returns a PeftModel
+    (NF4 needs them attached before the fused experts are quantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(compute_dtype)
+    if quantization == "nf4":
+        from ..nf4_experts import load_nf4_model
+        model = load_nf4_model(model_path, compute_dtype=dtype, device_map=device,
+                               quantize_experts=quantize_experts, adapters=adapters)
+    elif quantization == "none":
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map=device)
+        if adapters:
+            model = attach_adapters(model, adapters)
+    else:
+        raise ValueError(f"hf engine: unknown quantization {quantization!r} (nf4, none)")
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model
+
+
+def attach_adapters(model, adapters: dict[str, str]):
+    from peft import PeftModel
+    names = list(adapters)
+    model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model
+
+
+class HfEngine:
+    def __init__(self, model_path: str, *, quantization: str = "nf4",
+                 compute_dtype: str = "bfloat16", device: str = "cpu",
+                 adapters: dict[str, str] | None = None, mode: str = "generate",
+                 quantize_experts: bool = True, model=None):
+        if mode not in ("generate", "static-compile"):
+            raise ValueError(f"hf engine: unknown mode {mode!r} (generate, static-compile)")
+        self.settings = {"model_path": str(model_path), "quantization": quantization,
+                         "compute_dtype": compute_dtype, "device": device, "mode": mode,
+                         "quantize_experts": quantize_experts}
+        self.device = device
+        self.mode = mode
+        load_start = time.perf_counter()
+        self.adapter_names = list(adapters or {})
+        if model is not None:
+            self.model = attach_adapters(model, adapters) if adapters else model
+        else:
+            self.model = load_model(model_path, quantization=quantization,
+                                    compute_dtype=compute_dtype, device=device,
+                                    quantize_experts=quantize_experts, adapters=adapters)
+        self.model.eval()
+        self.load_s = time.perf_counter() - load_start
+        self.pad_id = self._pad_id()
+
+    def _pad_id(self) -> int:
+        cfg = self.model.config
+        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            val = getattr(cfg, attr, None)
+            if isinstance(val, list):
+                val = val[0] if val else None
+            if val is not None:
+                return int(val)
+        return 0
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
+
+    def _adapter_context(self, adapters: list[str | None]):
+        """Uniform batches switch the active adapter; mixed batches use PEFT adapter_names."""
+        from contextlib import nullcontext
+        kinds = set(adapters)
+        if not self.adapter_names:
+            if kinds != {None}:
+                raise ValueError("this engine was built without LoRA support but a request "
+                                 f"asked for adapters {sorted(k for k in kinds if k)}")
+            return nullcontext(), {}
+        if kinds == {None}:
+            return self.model.disable_adapter(), {}
+        if len(kinds) == 1:
+            self.model.set_adapter(adapters[0])
+            return nullcontext(), {}
+        return nullcontext(), {"adapter_names": [a or BASE for a in adapters]}
+
+    def _inputs(self, prompts: list[list[int]]):
+        import torch
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("prompts of one batch must have equal length (fixed workload)")
+        ids = torch.tensor(prompts, device=self.device)
+        return ids, torch.ones_like(ids)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int,
+                 adapters: list[str | None]) -> BatchTiming:
+        ids, mask = self._inputs(prompts)
+        clock = _TokenClock()
+        context, extra = self._adapter_context(adapters)
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=self.pad_id, streamer=clock)
+        if self.mode == "static-compile":
+            gen_kwargs["cache_implementation"] = "static"
+        with context:
+            self._sync()
+            start = time.perf_counter()
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs, **extra)
+            self._sync()
+            end = time.perf_counter()
+        new = out[:, ids.shape[1]:]
+        stamps = clock.stamps
+        ttft = stamps[0] - start if stamps else end - start
+        tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
+        n = len(prompts)
+        return BatchTiming(e2e_s=end - start, ttft_s=[ttft] * n, tpot_s=[tpot] * n,
+                           prompt_tokens=int(ids.numel()), output_tokens=int(new.numel()),
+                           output_token_ids=new.tolist())
+
+    def greedy(self, prompts, max_new_tokens, adapters) -> list[list[int]]:
+        return self.generate(prompts, max_new_tokens, adapters).output_token_ids
+
+    def logits(self, sequences: list[list[int]], adapters: list[str | None]):
+        """Full next-token log-probabilities in fp32, shape [batch, len-1, vocab]."""
+        import torch
+        ids, mask = self._inputs(sequences)
+        context, extra = self._adapter_context(adapters)
+        with context:
+            logits = self.model(input_ids=ids, attention_mask=mask, **extra).logits
+        return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+
+    def score(self, sequences, adapters, top_k: int = 20) -> list[ScoredSequence]:
+        import torch
+        logprobs = self.logits(sequences, adapters)
+        targets = torch.tensor(sequences)[:, 1:]
+        target_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        top = logprobs.topk(top_k, dim=-1)
+        return [ScoredSequence(target_lp[i].tolist(), top.indices[i].tolist(),
+                               top.values[i].tolist()) for i in range(len(sequences))]
+
+    def weight_storage(self) -> dict:
+        from ..coverage import from_loaded_model
+        from ..nf4_experts import weight_storage_report
+        base = self.model.get_base_model() if self.adapter_names else self.model
+        return from_loaded_model(weight_storage_report(base))
+
+    def info(self) -> dict:
+        import transformers
+        return {"backend": "hf", **self.settings, "load_s": self.load_s,
+                "transformers": transformers.__version__, "adapters": self.adapter_names}
+
+    def memory(self) -> dict:
+        from ..memory import process_memory
+        return process_memory(self.device)
+
+    def close(self):
+        import gc
+        del self.model
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+            torch.cuda.empty_cache()
+
+

@@ -1,0 +1,57 @@
+"""Memory figures: process peak (CPU), torch CUDA peaks, NVML, and KV-cache arithmetic."""
+from __future__ import annotations
+
+import os
+import resource
+
+
+def process_memory(device: str = "cpu") -> dict:
+    import psutil
+    info = {"rss_bytes": psutil.Process().memory_info().rss,
+            # ru_maxrss is in KiB on Linux: the peak of this process over its life
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        import torch
+        info.update(torch_peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                    torch_peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+                    torch_allocated_bytes=torch.cuda.memory_allocated())
+        info.update(nvml_memory())
+    return info
+
+
+def nvml_memory(index: int = 0) -> dict:
+    """Device-wide and per-process used memory from NVML; {} where NVML is absent."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        mine = sum((p.usedGpuMemory or 0) for p in procs if p.pid == os.getpid())
+        return {"nvml_device_used_bytes": mem.used, "nvml_device_total_bytes": mem.total,
+                "nvml_process_used_bytes": mine,
+                "nvml_all_processes_used_bytes": sum((p.usedGpuMemory or 0) for p in procs)}
+    except Exception:
+        return {}
+
+
+def kv_cache_bytes(arch: dict, batch: int, tokens: int, bytes_per_element: int = 2) -> int:
+    """K and V for every layer, KV head and token of a batch."""
+    heads = arch.get("num_key_value_heads") or arch["num_attention_heads"]
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
+    return 2 * arch["num_hidden_layers"] * heads * head_dim * tokens * batch * bytes_per_element
+
+
+def decode_bytes_per_step(weight_bytes_read: int, adapter_bytes: int, arch: dict, batch: int,
+                          context_tokens: int, kv_bytes_per_element: int = 2) -> int:
+    """The fewest bytes one decode step must read: weights (+scales), adapter, KV cache."""
+    return weight_bytes_read + adapter_bytes + kv_cache_bytes(arch, batch, context_tokens,
+                                                              kv_bytes_per_element)
+
+
+def moe_active_fraction(arch: dict) -> float:
+    """Share of expert weights one token touches (top-k of E); batch makes it grow."""
+    experts = arch.get("num_local_experts")
+    if not experts:
+        return 1.0
+    return arch.get("num_experts_per_tok", 2) / experts

@@ -1,0 +1,124 @@
+"""Higher-precision references: the engine's own 4-bit weights dequantized to fp32.
+
+Comparing an engine with the dequantized form of its own weights isolates kernel and
+LoRA error from quantization error; comparing with the original weights measures the
+quantization error itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _strip_quantization(model):
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def dequantize_bnb_model(model):
+    """Replace every bitsandbytes 4-bit weight (Linear4bit and parametrized expert
+    tensors) with its fp32 dequantized value, in place."""
+    import bitsandbytes as bnb
+    import torch
+    from torch.nn.utils import parametrize
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+                plain = torch.nn.Linear(child.in_features, child.out_features,
+                                        bias=child.bias is not None, device=w.device,
+                                        dtype=torch.float32)
+                plain.weight.data.copy_(w.float())
+                if child.bias is not None:
+                    plain.bias.data.copy_(child.bias.data.float())
+                setattr(parent, child_name, plain)
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                value = getattr(module, name).detach().float().clone()  # dequantized on access
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+    _strip_quantization(model)
+    return model.float()
+
+
+def _dequantize_packed(packed, scale, shape, args: dict):
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    q = unpack_from_int32(packed, args["num_bits"], torch.Size(shape.tolist()))
+    return dequantize(q, scale, None, QuantizationArgs(**args), dtype=torch.float32)
+
+
+def compressed_state_dict(quant_dir: str | Path) -> dict:
+    """fp32 weights of a compressed-tensors pack-quantized checkpoint, under its own names."""
+    from safetensors import safe_open
+
+    qcfg = json.loads((Path(quant_dir) / "config.json").read_text())["quantization_config"]
+    args = next(iter(qcfg["config_groups"].values()))["weights"]
+    raw = {}
+    for path in sorted(Path(quant_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            raw.update({k: fh.get_tensor(k) for k in fh.keys()})
+    out = {}
+    for key, tensor in raw.items():
+        if key.endswith("weight_packed"):
+            stem = key[: -len("_packed")]
+            out[stem] = _dequantize_packed(tensor, raw[stem + "_scale"], raw[stem + "_shape"],
+                                           args)
+        elif not key.endswith(("weight_scale", "weight_shape", "weight_zero_point")):
+            out[key] = tensor.float()
+    return out
+
+
+def fuse_experts(state: dict, target_keys: dict) -> dict:
+    """Map vLLM-style per-expert Linear weights (block_sparse_moe.experts.N.{gate,up,down}_proj)
+    back to transformers 5 fused experts (mlp.experts.gate_up_proj [E, 2I, H], down_proj)."""
+    import re
+
+    import torch
+    fused, rest = {}, {}
+    pattern = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+    for key, tensor in state.items():
+        m = pattern.match(key)
+        if m:
+            fused.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = tensor
+        else:
+            rest[key.replace("block_sparse_moe.gate.", "mlp.gate.")] = tensor
+    for prefix, experts in fused.items():
+        order = sorted(experts)
+        rest[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate"], experts[e]["up"]], dim=0) for e in order])
+        rest[f"{prefix}.mlp.experts.down_proj"] = torch.stack([experts[e]["down"] for e in order])
+    missing = set(target_keys) - set(rest)
+    if missing:
+        raise KeyError(f"dequantized checkpoint lacks {len(missing)} weights, "
+                       f"e.g. {sorted(missing)[0]}")
+    for key, shape in target_keys.items():
+        if tuple(rest[key].shape) != tuple(shape):
+            raise ValueError(f"dequantized {key} has shape {tuple(rest[key].shape)}, "
+                             f"model expects {tuple(shape)}")
+    return rest
+
+
+def dequantized_compressed_model(quant_dir: str | Path, original_dir: str | Path, device: str):
+    """An fp32 transformers model holding the dequantized W4A16 weights (built from the
+    original checkpoint, whose weights are then replaced one by one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32,
+                                                 device_map=device)
+    targets = {k: v.shape for k, v in model.state_dict().items()}
+    state = fuse_experts(compressed_state_dict(quant_dir), targets)
+    if "lm_head.weight" in targets and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict({k: state[k] for k in targets})
+    return model.eval()

@@ -1,0 +1,150 @@
+"""Result JSON: environment capture, schema validation and atomic writes.
+
+Every rule's script ends in `write_result`, which validates against
+workflow/schemas/result.schema.json and renames a temp file into place, so a crash
+never leaves a half-written JSON that Snakemake would take as done.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA_VERSION = "bench/v1"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+PACKAGES = ("torch", "transformers", "vllm", "bitsandbytes", "peft", "llmcompressor",
+            "compressed-tensors", "accelerate", "snakemake")
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_info() -> dict:
+    info = {"device": "cpu", "gpu": None, "driver": None, "cuda": None,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info.update(device="cuda", gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+            try:
+                import pynvml
+                pynvml.nvmlInit()
+                info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            except Exception:  # NVML is optional; the torch figures still stand
+                pass
+    except ImportError:
+        pass
+    return info
+
+
+def config_hash(config: dict) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def capture_env(config: dict | None = None, started: float | None = None) -> dict:
+    env = {**device_info(), **package_versions()}
+    env.update(git_commit=git_commit(), hostname=socket.gethostname(),
+               config_hash=config_hash(config) if config is not None else None,
+               started=_iso(started or time.time()), finished=_iso(time.time()))
+    return env
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def load_schema(name: str = "result") -> dict:
+    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+
+
+def validate_result(result: dict) -> None:
+    import jsonschema
+    jsonschema.validate(result, load_schema("result"))
+
+
+def new_result(kind: str, model: str | None, engine: str | None = None,
+               adapter: str | None = None, params: dict | None = None) -> dict:
+    return {"schema": SCHEMA_VERSION, "kind": kind, "status": "ok", "reason": None,
+            "model": model, "engine": engine, "adapter": adapter, "params": params or {},
+            "metrics": {}, "samples": [], "env": {}}
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_result(path, result: dict, config: dict | None = None, started: float | None = None):
+    result["env"] = capture_env(config, started)
+    validate_result(result)
+    write_json_atomic(path, result)
+    return result
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+class ExpectedFailure(Exception):
+    """A configuration that cannot run (OOM, unsupported): recorded as a result, not a crash."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@contextmanager
+def recorded_failures(result: dict):
+    """Turn ExpectedFailure / CUDA OOM into result["status"] + reason; other errors propagate."""
+    try:
+        yield result
+    except ExpectedFailure as exc:
+        result.update(status=exc.status, reason=exc.reason)
+    except Exception as exc:  # torch.OutOfMemoryError without importing torch here
+        if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemoryError_"):
+            result.update(status="oom", reason=f"GPU out of memory: {str(exc).splitlines()[0]}")
+        else:
+            raise

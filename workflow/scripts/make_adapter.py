@@ -1,0 +1,109 @@
+"""Rule make_adapter: a PEFT LoRA adapter from config, seeded, with non-zero B.
+
+Writes `copies` distinct adapters (seed, seed+1, ...) for multi-adapter batches and one
+control adapter whose B is zero (it must leave outputs unchanged). Shapes come from PEFT
+itself on a meta-device model, so nothing is guessed and no weights are loaded.
+"""
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+from int4lora.resultio import ExpectedFailure, new_result, read_json, recorded_failures, write_result
+
+
+def lora_config(spec: dict):
+    from peft import LoraConfig
+    kwargs = dict(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0, bias="none",
+                  task_type="CAUSAL_LM")
+    if spec.get("target_modules"):
+        kwargs["target_modules"] = list(spec["target_modules"])
+    if spec.get("target_parameters"):
+        kwargs["target_parameters"] = list(spec["target_parameters"])
+        kwargs.setdefault("target_modules", [])
+    return LoraConfig(**kwargs)
+
+
+def adapter_shapes(model_dir: str, spec: dict) -> tuple[dict, object]:
+    """PEFT's own state-dict names and shapes for this adapter on this architecture."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    lcfg = lora_config(spec)
+    try:
+        peft_model = get_peft_model(model, lcfg)
+    except ValueError as exc:
+        raise ExpectedFailure("unsupported", f"adapter targets match nothing in "
+                              f"{cfg.model_type}: {str(exc).splitlines()[0]}") from exc
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    if not shapes:
+        raise ExpectedFailure("unsupported", f"adapter targets {spec} add no LoRA weights "
+                              f"to {cfg.model_type}")
+    return shapes, lcfg
+
+
+def seeded_weights(shapes: dict, seed: int, b_std: float, zero_b: bool, dtype) -> dict:
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        if "lora_B" in name:
+            t = torch.zeros(shape) if zero_b else torch.randn(shape, generator=gen) * b_std
+        else:  # lora_A: fan-in scaled, like PEFT's kaiming init
+            t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        tensors[name] = t.to(dtype).contiguous()
+    return tensors
+
+
+def save_adapter(out_dir: Path, lcfg, tensors: dict, base_path: str) -> None:
+    from safetensors.torch import save_file
+    lcfg.base_model_name_or_path = base_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lcfg.save_pretrained(out_dir)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+
+
+def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, output: str,
+         config: dict | None = None) -> dict:
+    import torch
+    started = time.time()
+    fetched = read_json(model_json)
+    result = new_result("adapter", model, adapter=adapter, params={"spec": spec})
+    with recorded_failures(result):
+        shapes, lcfg = adapter_shapes(fetched["metrics"]["path"], spec)
+        root = Path(cache_dir) / "adapters" / model / adapter
+        staging = root.with_name(root.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        dtype = getattr(torch, spec.get("dtype", "bfloat16"))
+        paths = []
+        for i in range(spec.get("copies", 1)):
+            tensors = seeded_weights(shapes, spec.get("seed", 0) + i, spec.get("b_std", 0.02),
+                                     zero_b=False, dtype=dtype)
+            save_adapter(staging / f"copy{i}", lcfg, tensors, fetched["metrics"]["path"])
+            paths.append(str((root / f"copy{i}").resolve()))
+        control = seeded_weights(shapes, spec.get("seed", 0), 0.0, zero_b=True, dtype=dtype)
+        save_adapter(staging / "control-zero-b", lcfg, control, fetched["metrics"]["path"])
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+        n_params = sum(math.prod(s) for s in shapes.values())
+        result["metrics"] = {
+            "paths": paths, "control_path": str((root / "control-zero-b").resolve()),
+            "parameters": n_params, "bytes": n_params * dtype.itemsize,
+            "lora_tensors": len(shapes), "rank": spec["rank"], "alpha": spec["alpha"],
+            "targets": sorted({n.split(".lora_")[0].replace(".base_layer", "").rsplit(".", 1)[-1] for n in shapes}),
+            "target_parameters": spec.get("target_parameters", []),
+        }
+    return write_result(output, result, config, started)
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    from int4lora import smk
+    sm = snakemake  # noqa: F821
+    smk.run(sm, main, model=sm.wildcards.model, adapter=sm.wildcards.adapter,
+            spec=sm.params.spec, model_json=sm.input.model, cache_dir=sm.params.cache_dir,
+            output=sm.output[0], config=sm.config)

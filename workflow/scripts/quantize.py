@@ -1,0 +1,104 @@
+"""Rule quantize: make or record the INT4 form of a model for one engine.
+
+hf:   bitsandbytes NF4 happens at load time; this records the recipe.
+vllm: w4a16 -> llmcompressor `oneshot` writes a compressed-tensors checkpoint to the cache
+      (keyed by model + recipe); bitsandbytes -> vLLM quantizes in flight, recipe recorded.
+"""
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from int4lora.resultio import ExpectedFailure, new_result, read_json, recorded_failures, write_result
+
+
+def nf4_recipe(engine_cfg: dict) -> dict:
+    return {"method": "bitsandbytes", "quant_type": "nf4", "double_quant": True,
+            "compute_dtype": engine_cfg.get("compute_dtype", "bfloat16"),
+            "quantize_fused_experts": engine_cfg.get("quantize_experts", True),
+            "when": "at load"}
+
+
+def w4a16_recipe(group_size: int) -> dict:
+    return {"method": "llmcompressor.oneshot", "scheme": "W4A16", "format": "pack-quantized",
+            "num_bits": 4, "symmetric": True, "strategy": "group", "group_size": group_size,
+            "targets": ["Linear"], "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*router$"]}
+
+
+def indivisible_layers(model, group_size: int, ignore_names=("lm_head",)) -> list[str]:
+    import torch
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith(ignore_names):
+            if module.in_features % group_size:
+                bad.append(f"{name} (in_features={module.in_features})")
+    return bad
+
+
+def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # oneshot needs config._name_or_path to be a real directory: load from the saved path
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    bad = indivisible_layers(model, recipe["group_size"])
+    if bad:
+        raise ExpectedFailure("unsupported", f"W4A16 group_size={recipe['group_size']} does not "
+                              f"divide {len(bad)} layer(s), e.g. {bad[0]}")
+    weights = {k: recipe[k] for k in ("num_bits", "symmetric", "strategy", "group_size")}
+    weights["type"] = "int"
+    modifier = QuantizationModifier(
+        config_groups={"group_0": {"targets": recipe["targets"], "weights": weights}},
+        ignore=recipe["ignore"])
+    start = time.perf_counter()
+    oneshot(model=model, recipe=modifier)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, save_compressed=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
+    (staging / ".complete").write_text("ok")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return {"quantize_s": time.perf_counter() - start}
+
+
+def main(model: str, engine: str, engine_cfg: dict, model_json: str, cache_dir: str,
+         output: str, config: dict | None = None) -> dict:
+    started = time.time()
+    fetched = read_json(model_json)
+    backend, quant = engine_cfg["backend"], engine_cfg.get("quantization")
+    result = new_result("quantize", model, engine, params={"backend": backend,
+                                                           "quantization": quant})
+    with recorded_failures(result):
+        if backend == "hf":
+            result["metrics"] = {"recipe": nf4_recipe(engine_cfg), "path": fetched["metrics"]["path"]}
+        elif quant == "bitsandbytes":
+            result["metrics"] = {"recipe": {"method": "vllm in-flight bitsandbytes",
+                                            "quant_type": "nf4", "when": "at load"},
+                                 "path": fetched["metrics"]["path"]}
+        elif quant == "w4a16":
+            recipe = w4a16_recipe(engine_cfg.get("group_size", 128))
+            key = hashlib.sha256(json.dumps([fetched["metrics"]["path"], recipe],
+                                            sort_keys=True).encode()).hexdigest()[:12]
+            out_dir = Path(cache_dir) / "quantized" / f"{model}-w4a16-{key}"
+            details = {"cached": True}
+            if not (out_dir / ".complete").exists():
+                details = quantize_w4a16(fetched["metrics"]["path"], out_dir, recipe)
+            size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+            result["metrics"] = {"recipe": recipe, "path": str(out_dir.resolve()),
+                                 "checkpoint_bytes": size, **details}
+        else:
+            raise ValueError(f"engine {engine!r}: unknown quantization {quant!r}")
+    return write_result(output, result, config, started)
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    from int4lora import smk
+    sm = snakemake  # noqa: F821
+    smk.run(sm, main, model=sm.wildcards.model, engine=sm.wildcards.engine,
+            engine_cfg=sm.params.engine_cfg, model_json=sm.input.model,
+            cache_dir=sm.params.cache_dir, output=sm.output[0], config=sm.config)

@@ -1,0 +1,182 @@
+"""Rule report: Markdown + self-contained HTML from the tables and figures.
+
+Correctness first: the verdict table opens the report, and every speed row of a
+configuration whose validation failed is marked, never shown as a plain result.
+"""
+
+import base64
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from plots import FIGURES
+
+CAPTIONS = {
+    "decode_throughput": "Output tokens/s vs batch, per model: engine without LoRA (base), "
+                         "LoRA-enabled engine serving base requests (lora-base) and the adapter.",
+    "lora_overhead": "Decode time per token of adapter requests relative to base requests on "
+                     "the same LoRA-enabled engine, interleaved in one process (error bar: std).",
+    "memory_breakdown": "Peak memory attributed to runtime, weights, adapter, KV cache and the "
+                        "rest (activations, workspace).",
+    "ttft": "Time to first token (prefill) vs batch.",
+    "weight_coverage": "Share of weight elements stored in 4-bit, by module family.",
+}
+
+
+def _read(tables: Path, name: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(tables / f"{name}.csv")
+    except (pd.errors.EmptyDataError, FileNotFoundError):
+        return pd.DataFrame()
+
+
+def _fmt(v, digits=4):
+    if isinstance(v, float):
+        if pd.isna(v):
+            return "–"
+        return f"{v:.{digits}g}"
+    return "–" if v is None else str(v)
+
+
+def md_table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
+    if df.empty:
+        return "_none_\n"
+    cols = [c for c in (columns or list(df.columns)) if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df[cols].itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v).replace("|", "/") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(validation: pd.DataFrame) -> pd.DataFrame:
+    if validation.empty:
+        return pd.DataFrame(columns=["model", "engine", "adapter", "verdict", "failed_checks"])
+    rows = []
+    for (model, engine, adapter), g in validation.groupby(["model", "engine", "adapter"]):
+        failed = g[g["verdict"] == "FAIL"]["check"].tolist()
+        rows.append({"model": model, "engine": engine, "adapter": adapter,
+                     "verdict": "FAIL" if failed else "PASS",
+                     "failed_checks": "; ".join(failed) or "–"})
+    return pd.DataFrame(rows)
+
+
+def mark_speed_rows(bench: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
+    """validated: PASS / FAIL (speed row not trustworthy) / unvalidated."""
+    if bench.empty:
+        return bench
+    failed = {(r.model, r.engine) for r in verdict.itertuples() if r.verdict == "FAIL"}
+    failed_ad = {(r.model, r.engine, r.adapter) for r in verdict.itertuples()
+                 if r.verdict == "FAIL"}
+    passed = {(r.model, r.engine) for r in verdict.itertuples() if r.verdict == "PASS"}
+
+    def mark(r):
+        if (r.model, r.engine, r.adapter) in failed_ad or (
+                r.adapter == "none" and (r.model, r.engine) in failed):
+            return "FAIL: do not trust"
+        return "PASS" if (r.model, r.engine) in passed else "unvalidated"
+    bench = bench.copy()
+    bench["validated"] = [mark(r) for r in bench.itertuples()]
+    return bench
+
+
+def compare_sources(overhead: pd.DataFrame, sources: list[dict], models: dict) -> pd.DataFrame:
+    rows = []
+    for src in sources:
+        ours = overhead[(overhead["variant"] == "lora-adapter") & (overhead["batch"] == 1)] \
+            if not overhead.empty else overhead
+        matches = [m for m, spec in models.items() if spec.get("reference_shape") == src["shape"]]
+        ours = ours[ours["model"].isin(matches) & (ours["engine"].map(
+            lambda e: e.split("-")[0]) == src["engine"])] if not ours.empty else ours
+        if ours.empty:
+            rows.append({**src, "ours": "not in this run", "our_config": "–"})
+        for r in ours.itertuples():
+            rows.append({**src, "ours": f"{(r.tpot_ratio_median - 1) * 100:+.1f}% "
+                                        f"(std {r.tpot_ratio_std * 100:.1f})",
+                         "our_config": f"{r.model} / {r.engine} / {r.adapter}, batch 1"})
+    return pd.DataFrame(rows)
+
+
+def environment(status: pd.DataFrame) -> str:
+    if status.empty:
+        return "_no results_\n"
+    env_cols = [c for c in status.columns if c.startswith("env_")]
+    uniq = status[env_cols].drop_duplicates(subset=[c for c in env_cols if c != "env_started"])
+    return md_table(uniq.rename(columns=lambda c: c.removeprefix("env_")).drop(
+        columns=["started"], errors="ignore"))
+
+
+def build_markdown(tables: Path, figures: Path, preset: str, description: str,
+                   sources: list[dict], models: dict) -> str:
+    bench, overhead = _read(tables, "bench"), _read(tables, "overhead")
+    validation, status = _read(tables, "validation"), _read(tables, "status")
+    verdict = verdicts(validation)
+    bench = mark_speed_rows(bench, verdict)
+    failing = status[status["status"] != "ok"] if not status.empty else status
+    parts = [f"# int4-lora-bench validation report: `{preset}`\n", description + "\n",
+             "## Verdicts (correctness gates every speed number)\n", md_table(verdict),
+             "### Checks\n", md_table(validation, ["model", "engine", "adapter", "adapter_kind",
+                                                    "check", "value", "op", "threshold",
+                                                    "verdict", "reason"]),
+             "## Configurations that did not run\n",
+             md_table(failing, ["kind", "model", "engine", "adapter", "status", "reason"]),
+             "## Source reports side by side (LoRA decode overhead, batch 1)\n",
+             md_table(compare_sources(overhead, sources, models)),
+             "## Latency and throughput (one row per model, engine, adapter, variant, batch)\n",
+             "Times in seconds; `tok/s` is output tokens per second of the whole batch. "
+             "`roofline` is the fastest possible decode step (bytes it must read over the "
+             "measured memory bandwidth) divided by the measured TPOT.\n\n",
+             md_table(bench, ["model", "engine", "adapter", "variant", "batch", "status",
+                              "ttft_s_median", "ttft_s_p90", "ttft_s_p99", "tpot_s_median",
+                              "tpot_s_p90", "tpot_s_p99", "tpot_s_std", "tpot_s_n",
+                              "output_tok_s_median", "prefill_tok_s_median",
+                              "roofline_fraction", "validated"]),
+             "## LoRA overhead (paired ratios against base requests on the same engine)\n",
+             md_table(overhead, ["model", "engine", "adapter", "variant", "against", "batch",
+                                 "tpot_ratio_median", "tpot_ratio_p90", "tpot_ratio_std",
+                                 "tpot_ratio_n", "e2e_ratio_median", "ttft_ratio_median"]),
+             "## Memory\n", md_table(_read(tables, "memory")),
+             "## Quantization coverage\n", md_table(_read(tables, "coverage")),
+             "## Agreement and quality\n", md_table(_read(tables, "quality")),
+             "## Figures\n"]
+    for name in FIGURES:
+        parts.append(f"![{name}](../figures/{name}.png)\n\n_{CAPTIONS[name]}_\n")
+    parts += ["## Environment\n", environment(status)]
+    return "\n".join(parts)
+
+
+def to_html(markdown_text: str, figures: Path) -> str:
+    import markdown
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    for name in FIGURES:
+        png = figures / f"{name}.png"
+        if png.exists():
+            data = base64.b64encode(png.read_bytes()).decode()
+            body = body.replace(f'src="../figures/{name}.png"',
+                                f'src="data:image/png;base64,{data}"')
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:12px;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>int4-lora-bench</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")
+
+
+def main(tables: str, figures: str, out_md: str, out_html: str, preset: str,
+         description: str = "", sources: list | None = None, models: dict | None = None):
+    text = build_markdown(Path(tables), Path(figures), preset, html.escape(description),
+                          sources or [], models or {})
+    for path, content in ((out_md, text), (out_html, to_html(text, Path(figures)))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(content)
+        tmp.replace(path)
+    return text
+
+
+if __name__ == "__main__" and "snakemake" in globals():
+    from int4lora import smk
+    sm = snakemake  # noqa: F821
+    smk.run(sm, main, tables=sm.params.tables, figures=sm.params.figures,
+            out_md=sm.output.md, out_html=sm.output.html, preset=sm.config["preset"],
+            description=sm.config.get("description", ""),
+            sources=sm.config.get("source_reports", []), models=sm.config["models"])
