@@ -100,14 +100,19 @@ def memory_inputs(wildcards):
     return inputs
 
 
+def stages(engine):
+    return ENGINES[engine].get("stages", ["bench", "memory", "validate"])
+
+
 def all_results():
+    """Every result JSON the configured matrix asks for (the aggregate rule's input)."""
     files = []
     for model, engine, adapter in matrix():
-        files += [f"{RESULTS}/bench/{model}/{engine}/{adapter}.json",
-                  f"{RESULTS}/memory/{model}/{engine}/{adapter}.json",
-                  f"{RESULTS}/validate/{model}/{engine}/{adapter}.json"]
+        files += [f"{RESULTS}/{stage}/{model}/{engine}/{adapter}.json"
+                  for stage in stages(engine)]
     for model, spec in MODELS.items():
         for engine in spec["engines"]:
-            files += [f"{RESULTS}/bench/{model}/{engine}/baseline.json",
-                      f"{RESULTS}/memory/{model}/{engine}/none.json"]
+            files.append(f"{RESULTS}/bench/{model}/{engine}/baseline.json")
+            if "memory" in stages(engine) and config.get("profile_base_memory", True):
+                files.append(f"{RESULTS}/memory/{model}/{engine}/none.json")
     return sorted(set(files))

@@ -46,7 +46,7 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(up["fetch"]["metrics"]["path"])
-            batch = max(bench_cfg["batch_sizes"])
+            batch = max(engine_cfg.get("batch_sizes") or bench_cfg["batch_sizes"])
             prompts = fixed_length_prompts(tok, load_prompts(), batch, bench_cfg["prompt_tokens"])
             after_load = eng.memory()
             eng.generate(prompts, bench_cfg["output_tokens"], [adapter and next(iter(adapters))]

@@ -44,7 +44,9 @@ def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # oneshot needs config._name_or_path to be a real directory: load from the saved path
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    device_map = "cuda" if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                 device_map=device_map)
     bad = indivisible_layers(model, recipe["group_size"])
     if bad:
         raise ExpectedFailure("unsupported", f"W4A16 group_size={recipe['group_size']} does not "

@@ -80,14 +80,16 @@ def mark_speed_rows(bench: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
     return bench
 
 
-def compare_sources(overhead: pd.DataFrame, sources: list[dict], models: dict) -> pd.DataFrame:
+def compare_sources(overhead: pd.DataFrame, sources: list[dict], models: dict,
+                    engines: dict) -> pd.DataFrame:
     rows = []
     for src in sources:
         ours = overhead[(overhead["variant"] == "lora-adapter") & (overhead["batch"] == 1)] \
             if not overhead.empty else overhead
         matches = [m for m, spec in models.items() if spec.get("reference_shape") == src["shape"]]
         ours = ours[ours["model"].isin(matches) & (ours["engine"].map(
-            lambda e: e.split("-")[0]) == src["engine"])] if not ours.empty else ours
+            lambda e: engines.get(e, {}).get("backend")) == src["engine"])] \
+            if not ours.empty else ours
         if ours.empty:
             rows.append({**src, "ours": "not in this run", "our_config": "–"})
         for r in ours.itertuples():
@@ -107,7 +109,7 @@ def environment(status: pd.DataFrame) -> str:
 
 
 def build_markdown(tables: Path, figures: Path, preset: str, description: str,
-                   sources: list[dict], models: dict) -> str:
+                   sources: list[dict], models: dict, engines: dict) -> str:
     bench, overhead = _read(tables, "bench"), _read(tables, "overhead")
     validation, status = _read(tables, "validation"), _read(tables, "status")
     verdict = verdicts(validation)
@@ -121,7 +123,7 @@ def build_markdown(tables: Path, figures: Path, preset: str, description: str,
              "## Configurations that did not run\n",
              md_table(failing, ["kind", "model", "engine", "adapter", "status", "reason"]),
              "## Source reports side by side (LoRA decode overhead, batch 1)\n",
-             md_table(compare_sources(overhead, sources, models)),
+             md_table(compare_sources(overhead, sources, models, engines)),
              "## Latency and throughput (one row per model, engine, adapter, variant, batch)\n",
              "Times in seconds; `tok/s` is output tokens per second of the whole batch. "
              "`roofline` is the fastest possible decode step (bytes it must read over the "
@@ -162,9 +164,10 @@ def to_html(markdown_text: str, figures: Path) -> str:
 
 
 def main(tables: str, figures: str, out_md: str, out_html: str, preset: str,
-         description: str = "", sources: list | None = None, models: dict | None = None):
+         description: str = "", sources: list | None = None, models: dict | None = None,
+         engines: dict | None = None):
     text = build_markdown(Path(tables), Path(figures), preset, html.escape(description),
-                          sources or [], models or {})
+                          sources or [], models or {}, engines or {})
     for path, content in ((out_md, text), (out_html, to_html(text, Path(figures)))):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(path).with_suffix(".tmp")
@@ -179,4 +182,5 @@ if __name__ == "__main__" and "snakemake" in globals():
     smk.run(sm, main, tables=sm.params.tables, figures=sm.params.figures,
             out_md=sm.output.md, out_html=sm.output.html, preset=sm.config["preset"],
             description=sm.config.get("description", ""),
-            sources=sm.config.get("source_reports", []), models=sm.config["models"])
+            sources=sm.config.get("source_reports", []), models=sm.config["models"],
+            engines=sm.config["engines"])

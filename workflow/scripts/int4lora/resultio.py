@@ -35,6 +35,8 @@ def package_versions() -> dict:
 
 
 def git_commit() -> str | None:
+    if os.environ.get("INT4LORA_GIT_COMMIT"):  # set where the tree travels without .git
+        return os.environ["INT4LORA_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
@@ -136,15 +138,25 @@ class ExpectedFailure(Exception):
         self.status, self.reason = status, reason
 
 
+# Set from config `record_errors` (GPU presets): an unexpected exception becomes a result with
+# status "error" and its message, so one broken configuration does not hide the others.
+RECORD_ERRORS = False
+
+
 @contextmanager
 def recorded_failures(result: dict):
-    """Turn ExpectedFailure / CUDA OOM into result["status"] + reason; other errors propagate."""
+    """Turn ExpectedFailure / CUDA OOM into result["status"] + reason; other errors propagate
+    (or are recorded as status "error" when RECORD_ERRORS is set)."""
     try:
         yield result
     except ExpectedFailure as exc:
         result.update(status=exc.status, reason=exc.reason)
     except Exception as exc:  # torch.OutOfMemoryError without importing torch here
-        if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemoryError_"):
+        if type(exc).__name__ == "OutOfMemoryError":
             result.update(status="oom", reason=f"GPU out of memory: {str(exc).splitlines()[0]}")
+        elif RECORD_ERRORS:
+            import traceback
+            traceback.print_exc()
+            result.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:2000])
         else:
             raise

@@ -28,6 +28,8 @@ def fd_redirect(log_path: str | None):
 
 
 def run(snakemake, main, **kwargs):
+    from . import resultio
+    resultio.RECORD_ERRORS = bool(snakemake.config.get("record_errors", False))
     log = snakemake.log[0] if len(snakemake.log) else None
     with fd_redirect(log):
         try:

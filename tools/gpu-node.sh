@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run a preset on an air-gapped GPU node that has the offline bundle unpacked
+# (../shared/gpu/README.md), within a wall-clock budget, and pack the run for the trip back.
+#   tools/gpu-node.sh PRESET [snakemake targets/options...]
+# BUDGET_S (default 540): snakemake is interrupted after it; finished jobs stay done, the
+# interrupted one is cleaned up, and the next call resumes (--rerun-incomplete).
+set -uo pipefail
+preset=$1; shift
+[ -f /tmp/gpu-env.sh ] && source /tmp/gpu-env.sh
+export PYTHONUNBUFFERED=1
+timeout --signal=INT --kill-after=60 "${BUDGET_S:-540}" \
+  python3 -m snakemake --cores 1 --configfile "config/$preset.yaml" \
+  --rerun-incomplete --keep-going --rerun-triggers mtime "$@"
+rc=$?
+echo "snakemake exit code $rc"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/run-$preset.tar.gz" results logs benchmarks 2>/dev/null
+  ls -la "$OUT"
+fi
+for f in $(ls -t logs/*/*.log logs/*/*/*.log logs/*/*/*/*.log 2>/dev/null | head -3); do
+  echo "== $f"; grep -v "it/s\]" "$f" | tail -15
+done
+exit $rc
