@@ -8,6 +8,11 @@ set -uo pipefail
 preset=$1; shift
 [ -f /tmp/gpu-env.sh ] && source /tmp/gpu-env.sh
 export PYTHONUNBUFFERED=1
+# FlashInfer's sampler is JIT-compiled with ninja at the first engine start (minutes on a bare
+# node, seen on the H100 node); vLLM's PyTorch sampler needs no build.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+# a run interrupted by the budget leaves Snakemake's lock behind
+python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
 timeout --signal=INT --kill-after=60 "${BUDGET_S:-540}" \
   python3 -m snakemake --cores 1 --configfile "config/$preset.yaml" \
   --rerun-incomplete --keep-going --rerun-triggers mtime "$@"

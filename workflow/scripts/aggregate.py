@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from int4lora.memory import attribute, kv_cache_bytes
 from int4lora.resultio import read_json
 
 STAT_KEYS = ("median", "p90", "p99", "std", "n")
@@ -45,9 +46,41 @@ def overhead_rows(res: dict) -> list[dict]:
     return rows
 
 
+def bench_memory_rows(res: dict) -> list[dict]:
+    """Memory measured over a whole batch sweep (peaks after the largest batch): the memory
+    table's rows where no profile_memory job ran for that configuration."""
+    m = res["metrics"]
+    mem, storage = m.get("memory") or {}, m.get("weight_storage")
+    runs = [r for r in m.get("runs", []) if r.get("status", "ok") == "ok"]
+    if not runs:
+        return []
+    batch = max(r["batch"] for r in runs)
+    context = max(r["prompt_tokens"] + r["output_tokens"] for r in runs) // batch
+    weights = storage["total_bytes"] if storage else 0
+    adapter = m.get("adapter_bytes", 0) if res["adapter"] != "none" else 0
+    kv = kv_cache_bytes(m["architecture"], batch, context)
+    if "torch_peak_allocated_bytes" in mem:
+        peak = mem["torch_peak_allocated_bytes"]
+    else:
+        peak = mem.get("nvml_device_used_bytes") or mem.get("peak_rss_bytes")
+    row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           "source": "bench sweep", "batch": batch, "peak_bytes": peak, "weight_bytes": weights,
+           "adapter_bytes": adapter, "kv_cache_bytes": kv}
+    for key in ("engine_model_weights_gib", "engine_kv_cache_gib", "engine_cuda_graph_gib",
+                "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
+        if mem.get(key) is not None:
+            row[key] = mem[key]
+    for part, value in attribute(peak, 0, weights, adapter, kv).items():
+        row[f"part_{part}"] = value
+    for dtype, value in ((storage or {}).get("bytes_by_dtype") or {}).items():
+        row[f"dtype_{dtype}"] = value
+    return [row]
+
+
 def memory_rows(res: dict) -> list[dict]:
     m = res["metrics"]
     row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           "source": "profile_memory",
            "batch": m.get("batch"), "peak_bytes": m.get("peak_bytes"),
            "weight_bytes": m.get("weight_bytes"), "adapter_bytes": m.get("adapter_bytes"),
            "kv_cache_bytes": m.get("kv_cache_bytes")}
@@ -88,6 +121,7 @@ def quality_rows(res: dict) -> list[dict]:
 
 def main(inputs: list[str], outdir: str) -> dict[str, pd.DataFrame]:
     tables = {name: [] for name in TABLES}
+    bench_memory = []
     for path in sorted(inputs):
         res = read_json(path)
         tables["status"].append({"kind": res["kind"], "model": res["model"],
@@ -100,6 +134,7 @@ def main(inputs: list[str], outdir: str) -> dict[str, pd.DataFrame]:
         if res["kind"] == "bench":
             tables["bench"] += bench_rows(res)
             tables["overhead"] += overhead_rows(res)
+            bench_memory.append(bench_memory_rows(res))
         elif res["kind"] == "memory":
             tables["memory"] += memory_rows(res)
         elif res["kind"] == "validate":
@@ -107,6 +142,9 @@ def main(inputs: list[str], outdir: str) -> dict[str, pd.DataFrame]:
             tables["quality"] += quality_rows(res)
             if res["adapter"] == sorted_first_adapter(res):
                 tables["coverage"] += coverage_rows(res)
+    profiled = {(r["model"], r["engine"], r["adapter"]) for r in tables["memory"]}
+    tables["memory"] += [r for rows in bench_memory for r in rows
+                         if (r["model"], r["engine"], r["adapter"]) not in profiled]
     Path(outdir).mkdir(parents=True, exist_ok=True)
     frames = {}
     for name, rows in tables.items():

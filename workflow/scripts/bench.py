@@ -59,7 +59,7 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
             adapter_paths = {f"{adapter}-{i}": p for i, p in enumerate(meta["paths"])}
             adapter_bytes, rank = meta["bytes"], meta["rank"]
         batches = sorted(engine_cfg.get("batch_sizes") or bench_cfg["batch_sizes"])
-        multi = bench_cfg.get("multi_adapter", [])
+        multi = engine_cfg.get("multi_adapter", bench_cfg.get("multi_adapter", []))
         eng = make_engine(engine_cfg["backend"], up["quantize"]["metrics"]["path"], engine_cfg,
                           device=device, adapters=adapter_paths, enable_lora=bool(adapter),
                           max_lora_rank=rank, max_loras=max([1, *multi]), log_path=log_path)

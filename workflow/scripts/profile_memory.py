@@ -9,19 +9,10 @@ engine's own figures, since its memory lives in another process).
 import time
 
 from int4lora.engines import make_engine
-from int4lora.memory import kv_cache_bytes, process_memory
+from int4lora.memory import attribute, kv_cache_bytes, process_memory
 from int4lora.resultio import new_result, recorded_failures, write_result
 from int4lora.upstream import require_ok
 from int4lora.workload import fixed_length_prompts, load_prompts
-
-
-def attribute(peak: int | None, runtime: int, weights: int, adapter: int, kv: int) -> dict:
-    """Split a measured peak into named components; the rest is activations/workspace."""
-    parts = {"runtime_before_load": runtime, "weights": weights, "adapter": adapter,
-             "kv_cache": kv}
-    if peak is not None:
-        parts["activations_and_other"] = max(peak - sum(parts.values()), 0)
-    return parts
 
 
 def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_json: str,

@@ -7,6 +7,7 @@ vllm: w4a16 -> llmcompressor `oneshot` writes a compressed-tensors checkpoint to
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ def nf4_recipe(engine_cfg: dict) -> dict:
 def w4a16_recipe(group_size: int) -> dict:
     return {"method": "llmcompressor.oneshot", "scheme": "W4A16", "format": "pack-quantized",
             "num_bits": 4, "symmetric": True, "strategy": "group", "group_size": group_size,
-            "targets": ["Linear"], "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*router$"]}
+            "targets": ["Linear"], "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*router$"],
+            "expert_names": "vllm (w1/w2/w3)"}
 
 
 def indivisible_layers(model, group_size: int, ignore_names=("lm_head",)) -> list[str]:
@@ -51,7 +53,7 @@ def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
     if bad:
         raise ExpectedFailure("unsupported", f"W4A16 group_size={recipe['group_size']} does not "
                               f"divide {len(bad)} layer(s), e.g. {bad[0]}")
-    weights = {k: recipe[k] for k in ("num_bits", "symmetric", "strategy", "group_size")}
+    weights = {k: recipe[k] for k in ("num_bits", "symmetric", "strategy", "group_size")}  # noqa
     weights["type"] = "int"
     modifier = QuantizationModifier(
         config_groups={"group_0": {"targets": recipe["targets"], "weights": weights}},
@@ -61,11 +63,46 @@ def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, save_compressed=True)
+    renamed = rename_experts_for_vllm(staging)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
     (staging / ".complete").write_text("ok")
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
-    return {"quantize_s": time.perf_counter() - start}
+    return {"quantize_s": time.perf_counter() - start, "expert_tensors_renamed_for_vllm": renamed}
+
+
+# vLLM's Mixtral loader reads experts as w1 (gate), w2 (down), w3 (up) and silently skips any
+# other expert name (vllm/model_executor/layers/fused_moe/routed_experts.py load_weights),
+# leaving those experts uninitialised; transformers 5 + llmcompressor write gate/up/down_proj.
+VLLM_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+_EXPERT_KEY = re.compile(r"(\.block_sparse_moe\.experts\.\d+\.)(gate_proj|down_proj|up_proj)\.")
+
+
+def rename_experts_for_vllm(ckpt_dir: Path) -> int:
+    """Rewrite per-expert tensor names of a saved checkpoint to vLLM's Mixtral names."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    renamed = 0
+    mapping = {}
+    for path in sorted(ckpt_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata()
+            tensors = {}
+            for key in fh.keys():
+                new = _EXPERT_KEY.sub(lambda m: m.group(1) + VLLM_EXPERT_NAMES[m.group(2)] + ".",
+                                      key)
+                renamed += new != key
+                mapping[key] = new
+                tensors[new] = fh.get_tensor(key)
+        if any(mapping[k] != k for k in mapping):
+            save_file(tensors, str(path), metadata=meta)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {mapping.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+    return renamed
 
 
 def main(model: str, engine: str, engine_cfg: dict, model_json: str, cache_dir: str,

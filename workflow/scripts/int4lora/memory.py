@@ -55,3 +55,12 @@ def moe_active_fraction(arch: dict) -> float:
     if not experts:
         return 1.0
     return arch.get("num_experts_per_tok", 2) / experts
+
+
+def attribute(peak: int | None, runtime: int, weights: int, adapter: int, kv: int) -> dict:
+    """Split a measured peak into named components; the rest is activations/workspace."""
+    parts = {"runtime_before_load": runtime, "weights": weights, "adapter": adapter,
+             "kv_cache": kv}
+    if peak is not None:
+        parts["activations_and_other"] = max(peak - sum(parts.values()), 0)
+    return parts

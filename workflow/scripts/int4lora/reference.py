@@ -79,17 +79,19 @@ def compressed_state_dict(quant_dir: str | Path) -> dict:
 
 
 def fuse_experts(state: dict, target_keys: dict) -> dict:
-    """Map vLLM-style per-expert Linear weights (block_sparse_moe.experts.N.{gate,up,down}_proj)
+    """Map per-expert Linear weights (block_sparse_moe.experts.N.{w1,w3,w2} or {gate,up,down}_proj)
     back to transformers 5 fused experts (mlp.experts.gate_up_proj [E, 2I, H], down_proj)."""
     import re
 
     import torch
     fused, rest = {}, {}
-    pattern = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+    pattern = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+    role = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
+            "w2": "down"}
     for key, tensor in state.items():
         m = pattern.match(key)
         if m:
-            fused.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = tensor
+            fused.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[role[m.group(3)]] = tensor
         else:
             rest[key.replace("block_sparse_moe.gate.", "mlp.gate.")] = tensor
     for prefix, experts in fused.items():

@@ -455,8 +455,9 @@ class _FdCapture:
     the new part of the file is copied ("tee") to the real stderr.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tee: bool = True):
         self.path = path
+        self._tee_enabled = tee
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab"):
             pass
@@ -485,6 +486,8 @@ class _FdCapture:
             self.tee()
 
     def tee(self) -> None:
+        if not self._tee_enabled:
+            return
         with contextlib.suppress(OSError), open(self.path, "rb") as f:
             f.seek(self._teed)
             data = f.read()
@@ -548,11 +551,13 @@ class VllmEngine:
         self.quantization = quantization
         self.timing_source = "request_metrics"
 
+        own_log = log_path is None
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="vllm-engine-", suffix=".log")
             os.close(fd)
         self.log_path = str(log_path)
-        self._cap = _FdCapture(self.log_path)
+        # a Snakemake job already sends fds 1/2 to this log: copying it back would double it
+        self._cap = _FdCapture(self.log_path, tee=own_log)
 
         self._saved_env = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
