@@ -3,7 +3,7 @@
 
 # A --configfile on the command line replaces config.yaml instead of merging into it, so
 # that a preset never inherits the GPU matrix's models.
-if not config:
+if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
 

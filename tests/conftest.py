@@ -3,3 +3,76 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+
+import pytest  # noqa: E402
+
+SNAKEFILE = ROOT / "Snakefile"
+RESULT_SCHEMA = ROOT / "workflow" / "schemas" / "result.schema.json"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "integration: runs the whole offline pipeline with Snakemake (minutes); "
+                   "selected only with `-m integration`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Integration tests run only when asked for (`-m integration`), so that
+    `pytest tests` stays fast."""
+    if "integration" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="integration test: run with `-m integration`")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def result_validator():
+    """A jsonschema validator for the result contract (workflow/schemas/result.schema.json)."""
+    import json
+
+    import jsonschema
+    schema = json.loads(RESULT_SCHEMA.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def run_snakemake(workdir, *args, configfile=None, timeout=600):
+    """`python -m snakemake -s <repo>/Snakefile --directory <workdir> ...` as a subprocess;
+    returns the CompletedProcess with stdout and stderr merged into .stdout."""
+    import subprocess
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    cmd += [str(a) for a in args]
+    return subprocess.run(cmd, cwd=str(workdir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def planned_jobs(output: str) -> list[dict]:
+    """The jobs of a dry run's printout: [{"rule", "output": [...], "wildcards": {...}}]."""
+    import re
+    jobs = []
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n?)+)", output, re.M):
+        job = {"rule": m.group(1), "output": [], "wildcards": {}}
+        for line in m.group(2).splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key == "output":
+                job["output"] = [v.strip() for v in value.split(",")]
+            elif key == "wildcards":
+                job["wildcards"] = dict(kv.split("=", 1) for kv in value.split(", "))
+        jobs.append(job)
+    return jobs
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run: {rule: count}, without the total row."""
+    import re
+    m = re.search(r"^Job stats:\njob\s+count\n[- ]+\n((?:\S+\s+\d+\n)+)", output, re.M)
+    if not m:
+        return {}
+    rows = dict(line.split() for line in m.group(1).splitlines())
+    rows.pop("total", None)
+    return {k: int(v) for k, v in rows.items()}

@@ -1,4 +1,5 @@
 """Config validation, wildcard constraints and input functions (no logic in the rules)."""
+import os
 import sys
 from pathlib import Path
 

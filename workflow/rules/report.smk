@@ -6,7 +6,7 @@ rule aggregate:
                table=["bench", "overhead", "memory", "validation", "coverage", "quality",
                       "status"]),
     params:
-        outdir=f"{RESULTS}/tables",
+        outdir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "logs/aggregate.log",
     benchmark:
@@ -29,8 +29,8 @@ rule plots:
             category="Figures",
         ),
     params:
-        tables=f"{RESULTS}/tables",
-        outdir=f"{RESULTS}/figures",
+        tables=lambda wildcards, input: os.path.dirname(input[0]),
+        outdir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "logs/plots.log",
     benchmark:
@@ -51,8 +51,8 @@ rule report:
         html=report(f"{RESULTS}/report/index.html", caption="../report/report.rst",
                     category="Report"),
     params:
-        tables=f"{RESULTS}/tables",
-        figures=f"{RESULTS}/figures",
+        tables=lambda wildcards, input: os.path.dirname(input.tables[0]),
+        figures=lambda wildcards, input: os.path.dirname(input.figures[0]),
     log:
         "logs/report.log",
     benchmark:

@@ -30,12 +30,16 @@ def w4a16_recipe(group_size: int) -> dict:
 
 
 def indivisible_layers(model, group_size: int, ignore_names=("lm_head",)) -> list[str]:
+    """Linear layers and fused 3D expert tensors whose input width group_size does not divide."""
     import torch
     bad = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith(ignore_names):
             if module.in_features % group_size:
                 bad.append(f"{name} (in_features={module.in_features})")
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() == 3 and param.shape[-1] % group_size:  # [experts, out, in]
+                bad.append(f"{name}.{pname} (in_features={param.shape[-1]})")
     return bad
 
 

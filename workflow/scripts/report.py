@@ -49,32 +49,42 @@ def md_table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+BASE_CHECKS = ("coverage", "agreement: base", "quantization", "quality")
+
+
 def verdicts(validation: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, engine, adapter): the verdict of all checks, and of the checks that concern
+    the base model alone (so an adapter-only failure does not condemn base speed rows)."""
+    cols = ["model", "engine", "adapter", "verdict", "base_verdict", "failed_checks"]
     if validation.empty:
-        return pd.DataFrame(columns=["model", "engine", "adapter", "verdict", "failed_checks"])
+        return pd.DataFrame(columns=cols)
     rows = []
     for (model, engine, adapter), g in validation.groupby(["model", "engine", "adapter"]):
         failed = g[g["verdict"] == "FAIL"]["check"].tolist()
+        base_failed = [c for c in failed if c.startswith(BASE_CHECKS)]
         rows.append({"model": model, "engine": engine, "adapter": adapter,
                      "verdict": "FAIL" if failed else "PASS",
+                     "base_verdict": "FAIL" if base_failed else "PASS",
                      "failed_checks": "; ".join(failed) or "–"})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=cols)
 
 
 def mark_speed_rows(bench: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
-    """validated: PASS / FAIL (speed row not trustworthy) / unvalidated."""
+    """validated: PASS / FAIL: do not trust / unvalidated. Rows serving an adapter take that
+    adapter's verdict; base rows take the base checks of every validation of the engine."""
     if bench.empty:
         return bench
-    failed = {(r.model, r.engine) for r in verdict.itertuples() if r.verdict == "FAIL"}
-    failed_ad = {(r.model, r.engine, r.adapter) for r in verdict.itertuples()
-                 if r.verdict == "FAIL"}
-    passed = {(r.model, r.engine) for r in verdict.itertuples() if r.verdict == "PASS"}
+    full = {(r.model, r.engine, r.adapter): r.verdict for r in verdict.itertuples()}
+    base = {}
+    for r in verdict.itertuples():
+        key = (r.model, r.engine)
+        base[key] = "FAIL" if "FAIL" in (base.get(key), r.base_verdict) else "PASS"
 
     def mark(r):
-        if (r.model, r.engine, r.adapter) in failed_ad or (
-                r.adapter == "none" and (r.model, r.engine) in failed):
-            return "FAIL: do not trust"
-        return "PASS" if (r.model, r.engine) in passed else "unvalidated"
+        serves_adapter = r.variant not in ("base", "lora-base")
+        got = full.get((r.model, r.engine, r.adapter)) if serves_adapter \
+            else base.get((r.model, r.engine))
+        return {"PASS": "PASS", "FAIL": "FAIL: do not trust"}.get(got, "unvalidated")
     bench = bench.copy()
     bench["validated"] = [mark(r) for r in bench.itertuples()]
     return bench

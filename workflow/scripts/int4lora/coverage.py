@@ -11,13 +11,13 @@ FAMILIES = ("attention", "dense_mlp", "experts", "router", "embeddings", "lm_hea
             "lora", "other")
 _RULES = [
     ("lora", r"lora_[AB]|lora_embedding"),
+    ("norm", r"norm\.|norm$|\.ln_"),
     ("experts", r"\.experts\.|block_sparse_moe\.experts|\.w[123]\.|gate_up_proj(?!\.)"),
     ("router", r"block_sparse_moe\.gate\.|mlp\.gate\.|\.router\."),
     ("attention", r"self_attn|\.attn\.|attention"),
     ("dense_mlp", r"\.mlp\."),
     ("embeddings", r"embed_tokens|wte|word_embeddings"),
     ("lm_head", r"lm_head"),
-    ("norm", r"norm|ln_"),
 ]
 
 

@@ -1,0 +1,150 @@
+"""Config validation the way Snakemake does it: `snakemake -n` on broken configs.
+
+Snakemake runs as a subprocess with `-s <repo>/Snakefile --directory <tmp>`, so nothing is
+written into the repository. Dry runs need no network and no GPU.
+"""
+import copy
+import re
+import shutil
+
+import pytest
+import yaml
+
+from conftest import ROOT, job_stats, planned_jobs, run_snakemake
+
+OFFLINE = ROOT / "config" / "offline-cpu.yaml"
+GPU_SMOKE = ROOT / "config" / "gpu-smoke.yaml"
+GPU_SYNTHETIC = ROOT / "config" / "gpu-synthetic.yaml"
+DEFAULT = ROOT / "config.yaml"
+
+
+def _load(path):
+    return yaml.safe_load(path.read_text())
+
+
+def _typo(c):
+    c["benchmrk"] = c.pop("benchmark")
+
+
+def _unknown_engine(c):
+    c["models"]["tiny-llama"]["engines"] = ["hf", "hf-turbo"]
+
+
+def _backend_trt(c):
+    c["engines"]["hf"]["backend"] = "trt"
+
+
+def _rank0(c):
+    c["adapters"]["r16-qv"]["rank"] = 0
+
+
+def _rank1024(c):
+    c["adapters"]["r16-qv"]["rank"] = 1024
+
+
+def _unknown_adapter(c):
+    c["models"]["tiny-llama"]["adapters"] = ["r16-qv", "r64-everything"]
+
+
+def _experts_adapter_on_dense(c):
+    c["models"]["tiny-llama"]["adapters"] = ["r16-qv", "r16-experts"]
+
+
+def _engine_key_typo(c):
+    c["engines"]["hf"]["quantisation"] = c["engines"]["hf"].pop("quantization")
+
+
+# (base config, edit, strings the error message must contain)
+BROKEN = {
+    "typo-top-level-key": (OFFLINE, _typo, ["benchmrk"]),
+    "typo-engine-key": (OFFLINE, _engine_key_typo, ["quantisation"]),
+    "unknown-engine": (OFFLINE, _unknown_engine, ["hf-turbo", "models.tiny-llama.engines"]),
+    "backend-trt": (OFFLINE, _backend_trt, ["'trt'", "backend"]),
+    "adapter-rank-0": (OFFLINE, _rank0, ["rank", "minimum of 1"]),
+    "adapter-rank-1024-vllm": (GPU_SMOKE, _rank1024, ["adapters.r16-qv.rank=1024", "vLLM"]),
+    "unknown-adapter": (OFFLINE, _unknown_adapter, ["r64-everything"]),
+    "experts-adapter-on-dense-model": (OFFLINE, _experts_adapter_on_dense,
+                                       ["r16-experts", "tiny-llama", "not a MoE"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_config_is_rejected_before_anything_runs(case, tmp_path):
+    base, edit, expected = BROKEN[case]
+    config = copy.deepcopy(_load(base))
+    edit(config)
+    cfg_path = tmp_path / "broken.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = run_snakemake(workdir, "-n", configfile=cfg_path, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    for text in expected:
+        assert text in proc.stdout, f"{text!r} not in:\n{proc.stdout[-3000:]}"
+    assert "Job stats" not in proc.stdout
+    for out in ("results", "logs", "benchmarks"):
+        assert not (workdir / out).exists(), out
+
+
+def test_the_unbroken_base_configs_are_accepted(tmp_path):
+    """The broken cases above fail because of their edit, not because of the base."""
+    for base in (OFFLINE, GPU_SMOKE):
+        proc = run_snakemake(tmp_path, "-n", configfile=base, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        assert not (tmp_path / "results").exists()
+
+
+def _bench_and_validate_engines(output):
+    jobs = planned_jobs(output)
+    found = {}
+    for job in jobs:
+        if job["rule"] in ("bench_baseline", "bench_lora", "validate"):
+            found.setdefault(job["rule"], set()).add(job["wildcards"]["engine"])
+    return jobs, found
+
+
+def test_default_config_plans_both_engines(tmp_path):
+    """`snakemake -n` with the default config.yaml (picked up by the Snakefile's
+    `configfile:` directive, as a user in the repository root gets it)."""
+    shutil.copy(DEFAULT, tmp_path / "config.yaml")  # the directive reads it from the workdir
+    proc = run_snakemake(tmp_path, "-n", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    jobs, found = _bench_and_validate_engines(proc.stdout)
+    for rule in ("bench_baseline", "bench_lora", "validate"):
+        assert {"hf", "vllm"} <= found.get(rule, set()), (rule, found)
+    stats = job_stats(proc.stdout)
+    assert stats["report"] == 1 and stats["aggregate"] == 1
+    config = _load(DEFAULT)
+    n_lora = sum(len(spec["adapters"]) * len(spec["engines"])
+                 for spec in config["models"].values())
+    assert stats["bench_lora"] == n_lora
+    assert stats["bench_baseline"] == sum(len(s["engines"]) for s in config["models"].values())
+    # GPU rules declare a GPU
+    bench = next(j for j in jobs if j["rule"] == "bench_lora")
+    assert bench["output"][0].startswith("results/bench/")
+    assert re.search(r"rule bench_lora:\n(?:    .*\n)*?    resources: .*gpu=1", proc.stdout)
+    assert not (tmp_path / "results").exists()
+
+
+def test_gpu_synthetic_config_plans_both_engines(tmp_path):
+    proc = run_snakemake(tmp_path, "-n", configfile=GPU_SYNTHETIC, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    _, found = _bench_and_validate_engines(proc.stdout)
+    for rule in ("bench_baseline", "bench_lora", "validate"):
+        assert {"hf", "vllm"} <= found.get(rule, set()), (rule, found)
+    assert not (tmp_path / "results").exists()
+
+
+def test_config_override_keeps_the_default_config(tmp_path):
+    shutil.copy(DEFAULT, tmp_path / "config.yaml")
+    proc = run_snakemake(tmp_path, "-n", "--config", "device=cuda:1", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_lint_offline_config(tmp_path):
+    proc = run_snakemake(tmp_path, "--lint", configfile=OFFLINE, timeout=120)
+    lints = re.findall(r"^Lints for rule (\w+) .*\n((?:    \*.*\n(?:      .*\n)*)+)",
+                       proc.stdout, re.M)
+    assert not lints, lints
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout

@@ -1,0 +1,574 @@
+"""Every rule script's main() called directly on real tiny models (CPU, no network).
+
+One session-scoped pipeline synthesizes a tiny Llama and a tiny Mixtral through
+fetch_model.main and runs the later steps on them lazily; each test asserts on the JSON
+results it needs. Nothing here is a stand-in: the engine is the real HF engine
+(bitsandbytes NF4 + PEFT), quantization for vLLM is real llmcompressor.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+import aggregate  # noqa: E402
+import bench  # noqa: E402
+import fetch_model  # noqa: E402
+import make_adapter  # noqa: E402
+import measure_bandwidth  # noqa: E402
+import plots  # noqa: E402
+import profile_memory  # noqa: E402
+import quantize  # noqa: E402
+import report  # noqa: E402
+import validate  # noqa: E402
+
+LLAMA_ARCH = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+              "max_position_embeddings": 256, "initializer_range": 0.1}
+MIXTRAL_ARCH = {**LLAMA_ARCH, "num_local_experts": 4, "num_experts_per_tok": 2}
+MODELS = {
+    "tiny-llama": {"source": "synthetic", "architecture": "llama", "arch": LLAMA_ARCH,
+                   "seed": 0, "engines": ["hf"], "adapters": ["r16-qv"]},
+    "tiny-mixtral": {"source": "synthetic", "architecture": "mixtral", "arch": MIXTRAL_ARCH,
+                     "seed": 0, "engines": ["hf"], "adapters": ["r16-qv"]},
+}
+ENGINES = {
+    "hf": {"backend": "hf", "quantization": "nf4", "compute_dtype": "float32",
+           "mode": "generate"},
+    # a deliberately broken configuration: the fused MoE experts stay bf16
+    "hf-noexp": {"backend": "hf", "quantization": "nf4", "compute_dtype": "float32",
+                 "mode": "generate", "quantize_experts": False},
+    "vllm": {"backend": "vllm", "quantization": "w4a16", "group_size": 64},
+}
+ADAPTERS = {
+    "r16-qv": {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"], "seed": 1,
+               "b_std": 0.02},
+    # a deliberately broken adapter: B is all zero, so it cannot change anything
+    "r16-zero": {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"], "seed": 1,
+                 "b_std": 0.0},
+    "r8-gate-up": {"rank": 8, "alpha": 16, "target_modules": ["gate_up_proj"], "seed": 3},
+}
+BENCH = {"batch_sizes": [1, 2], "prompt_tokens": 16, "output_tokens": 8, "warmup": 1,
+         "min_iterations": 2, "min_seconds": 0, "max_iterations": 2, "multi_adapter": []}
+# config/offline-cpu.yaml's validation section, with fewer and shorter prompts
+VALIDATION = {
+    "prompts": 2, "prompt_tokens": 16, "greedy_tokens": 4, "top_k": 20,
+    "perplexity": {"seq_len": 32, "max_sequences": 2},
+    "thresholds": {"linear_4bit_min": 0.99, "experts_4bit_min": 0.99,
+                   "lora_min_logprob_change": 0.001, "control_max_logprob_diff": 0.0001,
+                   "kernel_top1_min": 0.8, "top1_margin": 0.1, "lora_delta_rel_err_max": 0.25,
+                   "quant_top1_min": 0.7, "ppl_ratio_max": 1.5},
+}
+LORA_MOVES = "lora: adapter moves log-probs"
+EXPERTS_4BIT = "coverage: MoE expert weights 4-bit"
+
+
+class Pipeline:
+    """The results/ tree of one session, built step by step and memoized."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.results = root / "results"
+        self.cache = str(root / "cache")
+        self.done = {}
+
+    def path(self, *parts) -> str:
+        return str(self.results.joinpath(*parts))
+
+    def _once(self, key, fn):
+        if key not in self.done:
+            self.done[key] = fn()
+        return self.done[key]
+
+    def model(self, model):
+        return self._once(("fetch", model), lambda: fetch_model.main(
+            model, MODELS[model], self.cache, self.path("models", f"{model}.json")))
+
+    def quant(self, model, engine):
+        self.model(model)
+        return self._once(("quantize", model, engine), lambda: quantize.main(
+            model, engine, ENGINES[engine], self.path("models", f"{model}.json"), self.cache,
+            self.path("quantize", model, f"{engine}.json")))
+
+    def adapter(self, model, adapter):
+        self.model(model)
+        return self._once(("adapter", model, adapter), lambda: make_adapter.main(
+            model, adapter, ADAPTERS[adapter], self.path("models", f"{model}.json"),
+            self.cache, self.path("adapters", model, f"{adapter}.json")))
+
+    def bandwidth(self):
+        return self._once(("bandwidth",), lambda: measure_bandwidth.main(
+            "cpu", self.path("hardware", "bandwidth.json"), size_mib=8, repeats=3))
+
+    def bench(self, model, engine, adapter=None):
+        self.quant(model, engine)
+        self.bandwidth()
+        if adapter:
+            self.adapter(model, adapter)
+        name = adapter or "baseline"
+        return self._once(("bench", model, engine, name), lambda: bench.main(
+            model, engine, ENGINES[engine], adapter, self.path("models", f"{model}.json"),
+            self.path("quantize", model, f"{engine}.json"),
+            self.path("adapters", model, f"{adapter}.json") if adapter else None,
+            self.path("hardware", "bandwidth.json"), BENCH, "cpu",
+            self.path("bench", model, engine, f"{name}.json")))
+
+    def memory(self, model, engine, adapter=None):
+        self.quant(model, engine)
+        if adapter:
+            self.adapter(model, adapter)
+        name = adapter or "none"
+        return self._once(("memory", model, engine, name), lambda: profile_memory.main(
+            model, engine, ENGINES[engine], adapter, self.path("models", f"{model}.json"),
+            self.path("quantize", model, f"{engine}.json"),
+            self.path("adapters", model, f"{adapter}.json") if adapter else None,
+            BENCH, "cpu", self.path("memory", model, engine, f"{name}.json")))
+
+    def validate(self, model, engine, adapter):
+        self.quant(model, engine)
+        self.adapter(model, adapter)
+        return self._once(("validate", model, engine, adapter), lambda: validate.main(
+            model, engine, ENGINES[engine], adapter, self.path("models", f"{model}.json"),
+            self.path("quantize", model, f"{engine}.json"),
+            self.path("adapters", model, f"{adapter}.json"), VALIDATION, "cpu",
+            self.path("validate", model, engine, f"{adapter}.json")))
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    p = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    p.model("tiny-llama")
+    p.model("tiny-mixtral")
+    return p
+
+
+def _read(path):
+    return json.loads(Path(path).read_text())
+
+
+def _check(result, prefix):
+    return next(c for c in result["metrics"]["checks"] if c["check"].startswith(prefix))
+
+
+# --------------------------------------------------------------------------- fetch_model
+
+def test_fetch_model_synthesizes_into_cache(pipe, result_validator):
+    for name, moe in (("tiny-llama", False), ("tiny-mixtral", True)):
+        res = _read(pipe.path("models", f"{name}.json"))
+        result_validator.validate(res)
+        m = res["metrics"]
+        assert res["status"] == "ok" and res["kind"] == "fetch"
+        assert m["synthetic"] is True and m["moe"] is moe
+        assert Path(m["path"]).is_relative_to(Path(pipe.cache).resolve())
+        assert (Path(m["path"]) / ".complete").exists()
+        assert list(Path(m["path"]).glob("*.safetensors"))
+        assert m["weight_bytes_on_disk"] > 0
+        assert m["architecture"]["hidden_size"] == 128
+        assert m["architecture"].get("num_local_experts") == (4 if moe else None)
+
+
+def test_fetch_model_is_cached_by_spec(pipe):
+    out = pipe.path("models", "again.json")
+    res = fetch_model.main("tiny-llama", MODELS["tiny-llama"], pipe.cache, out)
+    first = _read(pipe.path("models", "tiny-llama.json"))
+    assert res["metrics"]["cached"] is True
+    assert res["metrics"]["path"] == first["metrics"]["path"]
+    Path(out).unlink()
+
+
+# --------------------------------------------------------------------------- quantize
+
+def test_quantize_hf_records_nf4_recipe(pipe, result_validator):
+    res = pipe.quant("tiny-llama", "hf")
+    result_validator.validate(_read(pipe.path("quantize", "tiny-llama", "hf.json")))
+    assert res["status"] == "ok"
+    recipe = res["metrics"]["recipe"]
+    assert recipe["quant_type"] == "nf4" and recipe["double_quant"] is True
+    assert recipe["when"] == "at load" and recipe["quantize_fused_experts"] is True
+    assert res["metrics"]["path"] == pipe.model("tiny-llama")["metrics"]["path"]
+    assert pipe.quant("tiny-mixtral", "hf-noexp")["metrics"]["recipe"][
+        "quantize_fused_experts"] is False
+
+
+def _tensor_names(ckpt_dir):
+    from safetensors import safe_open
+    names = set()
+    for f in Path(ckpt_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            names |= set(fh.keys())
+    return names
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_quantize_w4a16_writes_packed_checkpoint(pipe, model, result_validator):
+    res = pipe.quant(model, "vllm")
+    result_validator.validate(_read(pipe.path("quantize", model, "vllm.json")))
+    assert res["status"] == "ok", res["reason"]
+    m = res["metrics"]
+    assert m["recipe"]["scheme"] == "W4A16" and m["recipe"]["group_size"] == 64
+    ckpt = Path(m["path"])
+    assert ckpt.is_relative_to(Path(pipe.cache).resolve()) and (ckpt / ".complete").exists()
+    assert m["checkpoint_bytes"] > 0
+    names = _tensor_names(ckpt)
+    packed = {n for n in names if n.endswith(".weight_packed")}
+    assert any("self_attn.q_proj" in n for n in packed)
+    assert not any(n.startswith("lm_head") and n.endswith("weight_packed") for n in names)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qcfg = cfg["quantization_config"]
+    assert qcfg["format"] == "pack-quantized"
+    if model == "tiny-mixtral":
+        expert = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight_packed$")
+        found = {(m_.group(1), m_.group(2)) for n in packed if (m_ := expert.search(n))}
+        # 2 layers share the keys below; every expert of every layer has w1, w2 and w3
+        assert found == {(str(e), w) for e in range(4) for w in ("w1", "w2", "w3")}
+        assert sum(bool(expert.search(n)) for n in packed) == 2 * 4 * 3
+        assert not any(re.search(r"experts\.\d+\.(gate|up|down)_proj", n) for n in names)
+        assert m["expert_tensors_renamed_for_vllm"] > 0
+        # the router stays in 16 bit
+        assert any(n.endswith("block_sparse_moe.gate.weight") for n in names)
+    else:
+        assert any("mlp.down_proj" in n for n in packed)
+
+
+def test_quantize_w4a16_cached_second_time(pipe):
+    pipe.quant("tiny-llama", "vllm")
+    out = pipe.path("quantize", "tiny-llama", "vllm-again.json")
+    res = quantize.main("tiny-llama", "vllm", ENGINES["vllm"],
+                        pipe.path("models", "tiny-llama.json"), pipe.cache, out)
+    assert res["metrics"]["cached"] is True
+    Path(out).unlink()
+
+
+@pytest.fixture(scope="session")
+def wide_llama(pipe):
+    """A Llama whose MLP is 320 wide: group_size 128 does not divide down_proj's columns."""
+    spec = {**MODELS["tiny-llama"], "arch": {**LLAMA_ARCH, "intermediate_size": 320}}
+    out = pipe.path("models", "wide-llama.json")
+    fetch_model.main("wide-llama", spec, pipe.cache, out)
+    return out
+
+
+def test_quantize_w4a16_indivisible_group_is_unsupported(pipe, wide_llama, result_validator):
+    out = pipe.path("quantize", "wide-llama", "vllm128.json")
+    res = quantize.main("wide-llama", "vllm128", {"backend": "vllm", "quantization": "w4a16",
+                                                  "group_size": 128},
+                        wide_llama, pipe.cache, out)
+    result_validator.validate(_read(out))
+    assert res["status"] == "unsupported"
+    assert "group_size=128" in res["reason"]
+    assert "model.layers.0.mlp.down_proj" in res["reason"]
+    assert "in_features=320" in res["reason"]
+    assert not list((Path(pipe.cache) / "quantized").glob("wide-llama-*"))
+
+
+def test_quantize_w4a16_indivisible_moe_experts_is_unsupported(pipe):
+    spec = {**MODELS["tiny-mixtral"], "arch": {**MIXTRAL_ARCH, "intermediate_size": 320}}
+    fetch_model.main("wide-mixtral", spec, pipe.cache, pipe.path("models", "wide-mixtral.json"))
+    res = quantize.main("wide-mixtral", "vllm128", {"backend": "vllm", "quantization": "w4a16",
+                                                    "group_size": 128},
+                        pipe.path("models", "wide-mixtral.json"), pipe.cache,
+                        pipe.path("quantize", "wide-mixtral", "vllm128.json"))
+    assert res["status"] == "unsupported"
+    assert "experts" in res["reason"]
+
+
+# --------------------------------------------------------------------------- make_adapter
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def test_make_adapter_nonzero_b_and_zero_b_control(pipe, result_validator):
+    res = pipe.adapter("tiny-llama", "r16-qv")
+    result_validator.validate(_read(pipe.path("adapters", "tiny-llama", "r16-qv.json")))
+    assert res["status"] == "ok"
+    m = res["metrics"]
+    assert m["targets"] == ["q_proj", "v_proj"] and m["rank"] == 16
+    # 2 layers x (q, v) x (A, B)
+    assert m["lora_tensors"] == 8
+    # A: r x 128 for q and v; B: 128 x r (q) and 64 x r (v, 2 kv heads of 32)
+    assert m["parameters"] == 2 * (16 * 128 + 128 * 16 + 16 * 128 + 64 * 16)
+    assert m["bytes"] == m["parameters"] * 2  # bfloat16
+    adapter = _adapter_tensors(m["paths"][0])
+    control = _adapter_tensors(m["control_path"])
+    assert set(adapter) == set(control) and len(adapter) == 8
+    for name, t in adapter.items():
+        assert t.abs().sum() > 0, name
+    for name, t in control.items():
+        if "lora_B" in name:
+            assert t.abs().sum() == 0, name
+        else:
+            assert t.abs().sum() > 0, name
+    cfg = json.loads((Path(m["paths"][0]) / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_make_adapter_is_deterministic(pipe):
+    first = _adapter_tensors(pipe.adapter("tiny-llama", "r16-qv")["metrics"]["paths"][0])
+    out = pipe.path("adapters", "tiny-llama", "again.json")
+    again = make_adapter.main("tiny-llama", "again", ADAPTERS["r16-qv"],
+                              pipe.path("models", "tiny-llama.json"), pipe.cache, out)
+    second = _adapter_tensors(again["metrics"]["paths"][0])
+    assert all((first[k] == second[k]).all() for k in first)
+    Path(out).unlink()
+
+
+def test_make_adapter_fused_expert_module_target_is_unsupported(pipe, result_validator):
+    res = pipe.adapter("tiny-mixtral", "r8-gate-up")
+    result_validator.validate(_read(pipe.path("adapters", "tiny-mixtral", "r8-gate-up.json")))
+    assert res["status"] == "unsupported"
+    assert "gate_up_proj" in res["reason"]
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+def test_measure_bandwidth_cpu(pipe, result_validator):
+    res = pipe.bandwidth()
+    result_validator.validate(_read(pipe.path("hardware", "bandwidth.json")))
+    assert res["status"] == "ok"
+    assert res["metrics"]["bandwidth_bytes_s"] > 1e8  # any real machine copies > 100 MB/s
+    assert res["metrics"]["bandwidth"]["n"] == 3 and len(res["samples"]) == 3
+
+
+# --------------------------------------------------------------------------- bench
+
+def test_bench_baseline(pipe, result_validator):
+    res = pipe.bench("tiny-llama", "hf")
+    result_validator.validate(_read(pipe.path("bench", "tiny-llama", "hf", "baseline.json")))
+    assert res["status"] == "ok", res["reason"]
+    assert res["adapter"] == "none" and res["params"]["mode"] == "baseline"
+    m = res["metrics"]
+    assert {(r["variant"], r["batch"]) for r in m["runs"]} == {("base", 1), ("base", 2)}
+    for run in m["runs"]:
+        assert run["status"] == "ok"
+        for key in ("ttft_s", "tpot_s", "e2e_s", "output_tok_s", "prefill_tok_s"):
+            assert run[key]["n"] == 2
+            assert run[key]["median"] > 0
+            assert run[key]["p90"] >= run[key]["median"] and run[key]["p99"] >= run[key]["p90"]
+        assert run["output_tokens"] == 8 * run["batch"]
+        assert run["prompt_tokens"] == 16 * run["batch"]
+        assert 0 < run["roofline_fraction"] and run["bytes_per_step"] > 0
+    assert m["overhead"] == []
+    assert len(res["samples"]) == 2 * 2
+    assert all(len(ids) == 8 for o in m["outputs"].values() for ids in o.values())
+    assert m["weight_storage"]["families"]["attention"]["share_4bit"] == 1.0
+
+
+def test_bench_lora(pipe, result_validator):
+    res = pipe.bench("tiny-llama", "hf", "r16-qv")
+    result_validator.validate(_read(pipe.path("bench", "tiny-llama", "hf", "r16-qv.json")))
+    assert res["status"] == "ok", res["reason"]
+    m = res["metrics"]
+    assert {(r["variant"], r["batch"]) for r in m["runs"]} == {
+        (v, b) for v in ("lora-base", "lora-adapter") for b in (1, 2)}
+    for run in m["runs"]:
+        assert all(run[k]["n"] == 2 and run[k]["median"] > 0
+                   for k in ("ttft_s", "tpot_s", "e2e_s", "output_tok_s"))
+    assert {(o["batch"], o["numerator"], o["denominator"]) for o in m["overhead"]} == {
+        (1, "lora-adapter", "lora-base"), (2, "lora-adapter", "lora-base")}
+    for o in m["overhead"]:
+        assert o["tpot_ratio"]["n"] == 2 and o["tpot_ratio"]["median"] > 0
+    assert len(res["samples"]) == 2 * 2 * 2
+    for batch, outs in m["outputs"].items():
+        assert len(outs["lora-adapter"]) == len(outs["lora-base"]) == 8
+        # the check that fails if the adapter were not applied
+        assert outs["lora-adapter"] != outs["lora-base"], batch
+    assert m["adapter_bytes"] == pipe.adapter("tiny-llama", "r16-qv")["metrics"]["bytes"]
+    # the adapter's requests read more bytes per step than base requests
+    rows = {(r["variant"], r["batch"]): r for r in m["runs"]}
+    assert rows[("lora-adapter", 1)]["bytes_per_step"] > rows[("lora-base", 1)]["bytes_per_step"]
+
+
+def test_bench_base_outputs_match_between_baseline_and_lora_engines(pipe):
+    base = pipe.bench("tiny-llama", "hf")["metrics"]["outputs"]
+    lora = pipe.bench("tiny-llama", "hf", "r16-qv")["metrics"]["outputs"]
+    assert base["1"]["base"] == lora["1"]["lora-base"]
+
+
+def test_bench_vllm_on_cpu_is_unsupported(pipe, result_validator):
+    res = pipe.bench("tiny-llama", "vllm", "r16-qv")
+    result_validator.validate(_read(pipe.path("bench", "tiny-llama", "vllm", "r16-qv.json")))
+    assert res["status"] == "unsupported"
+    assert "CUDA" in res["reason"]
+    assert res["samples"] == []
+
+
+def test_bench_propagates_upstream_failure(pipe, result_validator):
+    out = str(pipe.root / "scratch" / "bench-r8-gate-up.json")  # outside results/
+    pipe.quant("tiny-mixtral", "hf")
+    pipe.adapter("tiny-mixtral", "r8-gate-up")
+    res = bench.main("tiny-mixtral", "hf", ENGINES["hf"], "r8-gate-up",
+                     pipe.path("models", "tiny-mixtral.json"),
+                     pipe.path("quantize", "tiny-mixtral", "hf.json"),
+                     pipe.path("adapters", "tiny-mixtral", "r8-gate-up.json"),
+                     None, BENCH, "cpu", out)
+    result_validator.validate(_read(out))
+    assert res["status"] == "unsupported" and res["reason"].startswith("adapter step:")
+
+
+# --------------------------------------------------------------------------- profile_memory
+
+@pytest.mark.parametrize("adapter", [None, "r16-qv"])
+def test_profile_memory(pipe, adapter, result_validator):
+    res = pipe.memory("tiny-llama", "hf", adapter)
+    result_validator.validate(_read(pipe.path("memory", "tiny-llama", "hf",
+                                              f"{adapter or 'none'}.json")))
+    assert res["status"] == "ok", res["reason"]
+    m = res["metrics"]
+    assert m["batch"] == 2 and m["context_tokens"] == 16 + 8
+    # 2 x layers x kv heads x head_dim x tokens x batch x 2 bytes
+    assert m["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 24 * 2 * 2
+    assert m["weight_bytes"] == m["weight_storage"]["total_bytes"] > 0
+    assert m["adapter_bytes"] == (0 if adapter is None else
+                                  pipe.adapter("tiny-llama", "r16-qv")["metrics"]["bytes"])
+    assert m["peak_bytes"] >= m["after_load"]["rss_bytes"] > 0
+    assert set(m["attribution"]) == {"runtime_before_load", "weights", "adapter", "kv_cache",
+                                     "activations_and_other"}
+    assert m["engine_info"]["adapters"] == ([] if adapter is None else [adapter])
+
+
+# --------------------------------------------------------------------------- validate
+
+def test_validate_pass(pipe, result_validator):
+    res = pipe.validate("tiny-llama", "hf", "r16-qv")
+    result_validator.validate(_read(pipe.path("validate", "tiny-llama", "hf", "r16-qv.json")))
+    assert res["status"] == "ok", res["reason"]
+    m = res["metrics"]
+    assert m["verdict"] == "PASS", m["failed"]
+    assert m["failed"] == []
+    verdicts = {c["check"]: c["verdict"] for c in m["checks"]}
+    assert verdicts["coverage: linear weights 4-bit"] == "PASS"
+    assert _check(res, LORA_MOVES)["verdict"] == "PASS"
+    assert _check(res, "lora: zero-B control leaves")["value"] <= 1e-4
+    assert _check(res, "agreement: adapter effect")["verdict"] == "PASS"
+    # synthetic weights: quality checks are reported, not judged
+    assert _check(res, "quality:")["verdict"] == "N/A"
+    assert not any(c["check"].startswith(EXPERTS_4BIT) for c in m["checks"])  # dense model
+    assert m["lora"]["max_abs_delta"] > 1e-3 and m["lora"]["control_max_abs_delta"] <= 1e-4
+
+
+def test_validate_fails_an_adapter_without_effect(pipe, result_validator):
+    res = pipe.validate("tiny-llama", "hf", "r16-zero")
+    result_validator.validate(_read(pipe.path("validate", "tiny-llama", "hf", "r16-zero.json")))
+    assert res["status"] == "ok"
+    m = res["metrics"]
+    assert m["verdict"] == "FAIL"
+    moved = _check(res, LORA_MOVES)
+    assert moved["verdict"] == "FAIL"
+    assert moved["value"] < VALIDATION["thresholds"]["lora_min_logprob_change"]
+    assert "no effect" in moved["reason"]
+    assert any(f.startswith(LORA_MOVES) for f in m["failed"])
+
+
+def test_validate_fails_moe_with_bf16_experts(pipe, result_validator):
+    res = pipe.validate("tiny-mixtral", "hf-noexp", "r16-qv")
+    result_validator.validate(_read(pipe.path("validate", "tiny-mixtral", "hf-noexp",
+                                              "r16-qv.json")))
+    assert res["status"] == "ok", res["reason"]
+    m = res["metrics"]
+    assert m["verdict"] == "FAIL" and m["moe"] is True
+    experts = _check(res, EXPERTS_4BIT)
+    assert experts["verdict"] == "FAIL"
+    assert experts["value"] == 0.0
+    assert "experts" in experts["reason"]
+    assert EXPERTS_4BIT in m["failed"]
+    # the attention weights are still 4-bit: only the experts check fails for coverage
+    assert _check(res, "coverage: linear weights 4-bit")["verdict"] == "PASS"
+
+
+# --------------------------------------------------------------------------- aggregate/plots/report
+
+@pytest.fixture(scope="session")
+def reported(pipe):
+    """The rest of the DAG over this session's results: aggregate -> plots -> report."""
+    pipe.bench("tiny-llama", "hf")
+    pipe.bench("tiny-llama", "hf", "r16-qv")
+    pipe.bench("tiny-llama", "hf", "r16-zero")      # validation FAILs: rows must be marked
+    pipe.bench("tiny-mixtral", "hf-noexp")           # coverage FAILs: baseline marked too
+    pipe.bench("tiny-llama", "vllm", "r16-qv")       # unsupported on the CPU
+    pipe.memory("tiny-llama", "hf")
+    pipe.memory("tiny-llama", "hf", "r16-qv")
+    pipe.validate("tiny-llama", "hf", "r16-qv")
+    pipe.validate("tiny-llama", "hf", "r16-zero")
+    pipe.validate("tiny-mixtral", "hf-noexp", "r16-qv")
+    inputs = sorted(str(p) for stage in ("bench", "memory", "validate")
+                    for p in (pipe.results / stage).rglob("*.json"))
+    tables = pipe.path("tables")
+    frames = aggregate.main(inputs, tables)
+    figures = plots.main(tables, pipe.path("figures"))
+    md, html = pipe.path("report", "report.md"), pipe.path("report", "index.html")
+    text = report.main(tables, pipe.path("figures"), md, html, "pytest",
+                       "tiny models for the test suite", [], MODELS, ENGINES)
+    return {"inputs": inputs, "frames": frames, "tables": Path(tables), "figures": figures,
+            "md": Path(md), "html": Path(html), "text": text}
+
+
+def test_aggregate_tables(reported):
+    for name in aggregate.TABLES:
+        assert (reported["tables"] / f"{name}.csv").exists(), name
+    f = reported["frames"]
+    bench = f["bench"]
+    assert set(bench["variant"]) == {"base", "lora-base", "lora-adapter"}
+    # baseline (2 batches) x 2 models + 2 lora benches x 2 variants x 2 batches
+    assert len(bench) == 2 * 2 + 2 * 2 * 2
+    assert {"tpot_s_median", "tpot_s_p90", "tpot_s_p99", "tpot_s_std", "tpot_s_n"} <= set(
+        bench.columns)
+    assert (bench["tpot_s_n"] == 2).all()
+    assert len(f["overhead"]) == 2 * 2
+    status = f["status"]
+    assert len(status) == len(reported["inputs"])
+    bad = status[status["status"] != "ok"]
+    assert list(bad["engine"]) == ["vllm"] and list(bad["status"]) == ["unsupported"]
+    assert (f["validation"]["verdict"].isin(["PASS", "FAIL", "N/A"])).all()
+    assert set(f["coverage"]["family"]) >= {"attention", "dense_mlp", "experts"}
+    memory = f["memory"]
+    assert set(memory["source"]) == {"profile_memory", "bench sweep"}
+
+
+def test_plots_written(reported):
+    pngs = [Path(p) for p in reported["figures"]]
+    assert len(pngs) >= 3
+    for p in pngs:
+        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_report_markdown(reported):
+    text = reported["md"].read_text()
+    assert text == reported["text"]
+    assert "## Verdicts" in text
+    verdict_section = text.split("## Verdicts")[1].split("###")[0]
+    assert re.search(r"\| tiny-llama \| hf \| r16-qv \| PASS \| PASS \|", verdict_section)
+    # a zero-B adapter fails the adapter, not the base model
+    assert re.search(r"\| tiny-llama \| hf \| r16-zero \| FAIL \| PASS \| lora: adapter moves",
+                     verdict_section)
+    assert re.search(r"\| tiny-mixtral \| hf-noexp \| r16-qv \| FAIL \| FAIL \| "
+                     r"coverage: MoE expert", verdict_section)
+    latency = text.split("## Latency and throughput")[1].split("\n## ")[0]
+    rows = [line for line in latency.splitlines() if line.startswith("| tiny-")]
+    assert len(rows) == 12
+    by_key = {tuple(c.strip() for c in r.strip("|").split("|")[:5]): r for r in rows}
+    for batch in ("1", "2"):
+        assert by_key[("tiny-llama", "hf", "r16-zero", "lora-adapter", batch)].rstrip(
+            " |").endswith("FAIL: do not trust")
+        assert by_key[("tiny-mixtral", "hf-noexp", "none", "base", batch)].rstrip(
+            " |").endswith("FAIL: do not trust")
+        assert by_key[("tiny-llama", "hf", "r16-qv", "lora-adapter", batch)].rstrip(
+            " |").endswith("| PASS")
+        assert by_key[("tiny-llama", "hf", "none", "base", batch)].rstrip(" |").endswith("| PASS")
+    # the unsupported configuration is shown, not dropped
+    missing = text.split("## Configurations that did not run")[1].split("\n## ")[0]
+    assert "vllm" in missing and "unsupported" in missing
+    for name in plots.FIGURES:
+        assert f"](../figures/{name}.png)" in text
+
+
+def test_report_html_is_self_contained(reported):
+    html = reported["html"].read_text()
+    assert html.count('src="data:image/png;base64,') >= 3
+    assert 'src="../figures/' not in html
+    assert "<table>" in html and "FAIL: do not trust" in html

@@ -1,0 +1,461 @@
+"""Fast unit tests of the pure helpers in workflow/scripts/int4lora and the quantize script.
+
+No model is loaded here except a few tiny torch modules; the byte tokenizer is the real one
+that synthetic models ship with.
+"""
+import json
+import math
+
+import pytest
+
+from int4lora import coverage, harness, memory, resultio, stats
+from int4lora.engines.base import BatchTiming
+
+
+# --------------------------------------------------------------------------- stats
+
+def test_summarize_known_sample_matches_numpy_percentiles():
+    np = pytest.importorskip("numpy")
+    values = [float(v) for v in range(1, 11)]  # 1..10
+    s = stats.summarize(reversed(values))  # order must not matter
+    assert s["n"] == 10
+    assert s["median"] == 5.5
+    assert s["p90"] == pytest.approx(9.1)
+    assert s["p99"] == pytest.approx(9.91)
+    assert s["mean"] == 5.5
+    assert s["std"] == pytest.approx(math.sqrt(8.25))  # population std
+    assert (s["min"], s["max"]) == (1.0, 10.0)
+    for q in (0, 10, 50, 90, 99, 100):
+        assert stats.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_summarize_drops_missing_and_non_finite_values():
+    s = stats.summarize([2.0, None, float("nan"), float("inf"), 4.0])
+    assert s["n"] == 2
+    assert s["median"] == 3.0
+    assert s["max"] == 4.0
+
+
+def test_summarize_empty_and_single():
+    empty = stats.summarize([])
+    assert empty["n"] == 0
+    assert all(empty[k] is None for k in ("median", "p90", "p99", "mean", "std", "min", "max"))
+    one = stats.summarize([0.25])
+    assert one == {"median": 0.25, "p90": 0.25, "p99": 0.25, "mean": 0.25, "std": 0.0,
+                   "min": 0.25, "max": 0.25, "n": 1}
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+
+
+def test_ratio_spread_pairs_by_index_and_skips_zero_denominators():
+    r = stats.ratio_spread([2.0, 3.0, 5.0, 9.0], [1.0, 2.0, 0.0, 3.0])
+    # pairs: 2/1, 3/2, (5/0 skipped), 9/3
+    assert r["n"] == 3
+    assert r["median"] == pytest.approx(2.0)
+    assert r["min"] == pytest.approx(1.5)
+    assert r["max"] == pytest.approx(3.0)
+    assert stats.ratio_spread([1.0], [0.0])["n"] == 0
+
+
+# --------------------------------------------------------------------------- harness
+
+def test_repeat_policy_bounds():
+    p = harness.RepeatPolicy(warmup=0, min_iterations=3, min_seconds=1.0, max_iterations=5)
+    assert not p.done(0, 0.0)
+    assert not p.done(2, 100.0)         # time alone is not enough
+    assert not p.done(3, 0.5)           # count alone is not enough
+    assert p.done(3, 1.0)               # both minimums reached
+    assert p.done(5, 0.0)               # the maximum stops it regardless of time
+    assert p.done(7, 0.0)
+    q = harness.RepeatPolicy(min_iterations=2, min_seconds=0, max_iterations=2)
+    assert not q.done(1, 10.0) and q.done(2, 0.0)
+
+
+def _sample(variant, batch, it, e2e, ttft, tpot, prompt=16, out=8):
+    return {"variant": variant, "batch": batch, "iteration": it, "e2e_s": e2e, "ttft_s": ttft,
+            "tpot_s": tpot, "prompt_tokens": prompt, "output_tokens": out,
+            "output_tok_s": out / e2e, "prefill_tok_s": prompt / ttft}
+
+
+def test_summarize_runs_groups_by_variant_and_batch():
+    samples = [_sample("lora-base", 1, i, 1.0 + i, 0.1, 0.01 * (i + 1)) for i in range(3)]
+    samples += [_sample("lora-adapter", 1, i, 2.0, 0.2, 0.02) for i in range(3)]
+    samples += [_sample("lora-base", 2, i, 4.0, 0.4, 0.04, prompt=32, out=16) for i in range(2)]
+    runs = {(r["variant"], r["batch"]): r for r in harness.summarize_runs(samples)}
+    assert set(runs) == {("lora-base", 1), ("lora-adapter", 1), ("lora-base", 2)}
+    base1 = runs[("lora-base", 1)]
+    assert base1["status"] == "ok"
+    assert base1["prompt_tokens"] == 16 and base1["output_tokens"] == 8
+    for key in harness.METRIC_KEYS:
+        assert set(base1[key]) >= {"median", "p90", "p99", "std", "n"}
+        assert base1[key]["n"] == 3
+    assert base1["e2e_s"]["median"] == 2.0
+    assert base1["tpot_s"]["max"] == pytest.approx(0.03)
+    assert runs[("lora-base", 2)]["output_tokens"] == 16
+    assert runs[("lora-base", 2)]["ttft_s"]["n"] == 2
+
+
+def test_paired_overhead_pairs_by_iteration():
+    samples = []
+    for i in range(4):
+        samples.append(_sample("lora-base", 1, i, 1.0, 0.1, 0.010))
+        samples.append(_sample("lora-adapter", 1, i, 1.2, 0.1, 0.010 * (1.1 + 0.1 * i)))
+    # batch 4: the numerator misses iteration 1, which must not be paired with anything
+    for i in range(3):
+        samples.append(_sample("lora-base", 4, i, 2.0, 0.2, 0.02))
+        if i != 1:
+            samples.append(_sample("lora-adapter", 4, i, 3.0, 0.4, 0.03))
+    # a variant with no partner at batch 8 produces no row
+    samples.append(_sample("lora-base", 8, 0, 2.0, 0.2, 0.02))
+    rows = harness.paired_overhead(samples, "lora-adapter", "lora-base")
+    assert [r["batch"] for r in rows] == [1, 4]
+    b1, b4 = rows
+    assert b1["numerator"] == "lora-adapter" and b1["denominator"] == "lora-base"
+    assert b1["tpot_ratio"]["n"] == 4
+    assert b1["tpot_ratio"]["min"] == pytest.approx(1.1)
+    assert b1["tpot_ratio"]["max"] == pytest.approx(1.4)
+    assert b1["tpot_ratio"]["median"] == pytest.approx(1.25)
+    assert b1["e2e_ratio"]["median"] == pytest.approx(1.2)
+    assert b1["ttft_ratio"]["median"] == pytest.approx(1.0)
+    assert b4["tpot_ratio"]["n"] == 2
+    assert b4["tpot_ratio"]["median"] == pytest.approx(1.5)
+    assert b4["e2e_ratio"]["median"] == pytest.approx(1.5)
+    assert b4["ttft_ratio"]["median"] == pytest.approx(2.0)
+
+
+class FakeEngine:
+    """Records every generate() call; answers with a fixed BatchTiming. It stands in for an
+    engine only to test the harness's bookkeeping (warm-up, interleaving, slicing)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, new_tokens, adapters):
+        self.calls.append((len(prompts), new_tokens, list(adapters)))
+        tag = 1 if adapters[0] else 0
+        n = len(prompts)
+        return BatchTiming(e2e_s=0.5, ttft_s=[0.1] * n, tpot_s=[0.05] * n,
+                           prompt_tokens=n * len(prompts[0]), output_tokens=n * new_tokens,
+                           output_token_ids=[[tag, len(self.calls)]] * n)
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_measure_batch_warms_up_interleaves_and_slices(warmup):
+    eng = FakeEngine()
+    prompts = [[0, 1, 2, 3]] * 4
+    variants = {"lora-base": [None] * 4, "lora-adapter": ["a"] * 4}
+    policy = harness.RepeatPolicy(warmup=warmup, min_iterations=3, min_seconds=0,
+                                  max_iterations=10)
+    samples, outputs = harness.measure_batch(eng, prompts, 8, variants, policy, batch=2)
+    # warm-up first: `warmup` calls per variant, in declaration order
+    warm = eng.calls[:2 * warmup]
+    assert [c[2][0] for c in warm] == [None] * warmup + ["a"] * warmup
+    timed = eng.calls[2 * warmup:]
+    assert len(timed) == 6 and len(samples) == 6
+    # every call sees exactly `batch` prompts and adapters
+    assert all(c[0] == 2 and len(c[2]) == 2 and c[1] == 8 for c in eng.calls)
+    # the order rotates every iteration so neither variant always runs first
+    assert [s["variant"] for s in samples] == ["lora-base", "lora-adapter",
+                                               "lora-adapter", "lora-base",
+                                               "lora-base", "lora-adapter"]
+    assert [s["iteration"] for s in samples] == [0, 0, 1, 1, 2, 2]
+    s = samples[0]
+    assert s["batch"] == 2 and s["e2e_s"] == 0.5 and s["ttft_s"] == 0.1 and s["tpot_s"] == 0.05
+    assert s["output_tokens"] == 16 and s["output_tok_s"] == pytest.approx(32.0)
+    assert s["prefill_tok_s"] == pytest.approx(8 / 0.1)
+    # outputs: first request of the last warm-up call, or of the first timed call without one
+    expected = {"lora-base": [0, warmup], "lora-adapter": [1, 2 * warmup]} if warmup else \
+        {"lora-base": [0, 1], "lora-adapter": [1, 2]}
+    assert outputs == expected
+
+
+def test_measure_batch_stops_at_max_iterations():
+    eng = FakeEngine()
+    policy = harness.RepeatPolicy(warmup=0, min_iterations=1, min_seconds=3600,
+                                  max_iterations=2)
+    samples, _ = harness.measure_batch(eng, [[0, 1]], 2, {"base": [None]}, policy, batch=1)
+    assert len(samples) == 2
+
+
+# --------------------------------------------------------------------------- workload
+
+def test_fixed_length_prompts_exact_lengths_with_byte_tokenizer():
+    from int4lora.models import byte_tokenizer
+    from int4lora.workload import fixed_length_prompts, load_prompts
+    tok = byte_tokenizer()
+    texts = ["hello world", "ab"]
+    for length in (2, 5, 16, 100):
+        prompts = fixed_length_prompts(tok, texts, 5, length)
+        assert len(prompts) == 5
+        assert all(len(p) == length for p in prompts)
+        assert all(p[0] == tok.bos_token_id for p in prompts)
+    prompts = fixed_length_prompts(tok, texts, 3, 12)
+    assert prompts[0] == prompts[2]          # cycles through the prompt set
+    assert prompts[1][1:] == ([67, 68] * 6)[:11]  # "ab", repeated to fill the length
+    assert prompts[0][1:6] == tok("hello", add_special_tokens=False)["input_ids"]
+    shipped = fixed_length_prompts(tok, load_prompts(), 4, 32)
+    assert all(len(p) == 32 for p in shipped)
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        fixed_length_prompts(tok, [""], 1, 8)
+
+
+# --------------------------------------------------------------------------- coverage
+
+@pytest.mark.parametrize("name,family", [
+    ("model.layers.0.block_sparse_moe.experts.3.w1.weight_packed", "experts"),
+    ("model.layers.0.block_sparse_moe.experts.3.w2.weight_scale", "experts"),
+    ("model.layers.1.mlp.experts.gate_up_proj", "experts"),
+    ("model.layers.1.mlp.experts.down_proj", "experts"),
+    ("model.layers.0.block_sparse_moe.gate.weight", "router"),
+    ("model.layers.0.mlp.gate.weight", "router"),
+    ("model.layers.0.self_attn.q_proj.weight_packed", "attention"),
+    ("model.layers.0.self_attn.o_proj.weight", "attention"),
+    ("model.layers.0.mlp.gate_proj.weight", "dense_mlp"),
+    ("model.layers.0.mlp.down_proj.weight_packed", "dense_mlp"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "lora"),
+    ("model.embed_tokens.weight", "embeddings"),
+    ("lm_head.weight", "lm_head"),
+    ("model.norm.weight", "norm"),
+    ("model.layers.0.input_layernorm.weight", "norm"),
+    ("model.rotary_emb.inv_freq", "other"),
+])
+def test_family_of(name, family):
+    assert coverage.family_of(name) == family
+
+
+def test_family_of_post_attention_layernorm_is_norm_like_the_hf_engine():
+    from int4lora.nf4_experts import _family
+    name = "model.layers.0.post_attention_layernorm.weight"
+    assert _family(name) == "norm"
+    assert coverage.family_of(name) == _family(name)
+
+
+def _storage(**bytes_by_family):
+    fams = {f: {"bytes": 0, "elements": 0, "elements_4bit": 0, "bytes_4bit": 0}
+            for f in coverage.FAMILIES}
+    for f, b in bytes_by_family.items():
+        fams[f]["bytes"] = b
+    return {"families": fams}
+
+
+def test_decode_weight_bytes_scales_moe_experts_by_expected_share():
+    storage = _storage(attention=100, dense_mlp=0, experts=1000, router=4, embeddings=50,
+                       lm_head=30, norm=6, lora=7)
+    moe = {"num_local_experts": 8, "num_experts_per_tok": 2}
+    dense = 100 + 4 + 30 + 6  # everything but experts, embeddings (rows only) and lora
+    assert coverage.decode_weight_bytes(storage, moe, 1) == dense + 250           # 2 of 8
+    assert coverage.decode_weight_bytes(storage, moe, 2) == int(dense + 1000 * (1 - 0.75 ** 2))
+    big = coverage.decode_weight_bytes(storage, moe, 64)
+    assert dense + 999 <= big <= dense + 1000                                     # ~all experts
+    # monotone in batch
+    got = [coverage.decode_weight_bytes(storage, moe, b) for b in (1, 2, 4, 8, 16)]
+    assert got == sorted(got)
+    # without MoE keys the expert bytes count whole
+    assert coverage.decode_weight_bytes(storage, {}, 1) == dense + 1000
+    # tied embeddings: the head reads the whole table
+    tied = coverage.decode_weight_bytes(storage, {**moe, "tie_word_embeddings": True}, 1)
+    assert tied == dense + 250 + 50
+    no_head = _storage(attention=100, embeddings=50)
+    assert coverage.decode_weight_bytes(no_head, {}, 1) == 150
+
+
+def test_checkpoint_storage_counts_packed_int4(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    save_file({
+        "model.layers.0.self_attn.q_proj.weight_packed": torch.zeros(64, 8, dtype=torch.int32),
+        "model.layers.0.self_attn.q_proj.weight_scale": torch.zeros(64, 1, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight_shape": torch.tensor([64, 64]),
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight_packed":
+            torch.zeros(32, 8, dtype=torch.int32),
+        "model.layers.0.block_sparse_moe.gate.weight": torch.zeros(4, 64, dtype=torch.bfloat16),
+        "model.embed_tokens.weight": torch.zeros(10, 64, dtype=torch.bfloat16),
+    }, str(tmp_path / "model.safetensors"))
+    s = coverage.checkpoint_storage(tmp_path)
+    att, exp, router = (s["families"][f] for f in ("attention", "experts", "router"))
+    assert att["elements"] == att["elements_4bit"] == 64 * 64 and att["share_4bit"] == 1.0
+    assert att["bytes"] == 64 * 8 * 4 + 64 * 2 + 2 * 8
+    assert exp["elements_4bit"] == 32 * 64 and exp["share_4bit"] == 1.0
+    assert router["share_4bit"] == 0.0 and router["bytes"] == 4 * 64 * 2
+    assert s["bytes_by_dtype"]["int4 (packed)"] == (64 * 8 + 32 * 8) * 4
+    assert s["bytes_by_dtype"]["scales"] == 64 * 2
+    assert s["total_bytes"] == sum(f["bytes"] for f in s["families"].values())
+
+
+# --------------------------------------------------------------------------- memory
+
+def test_kv_cache_bytes():
+    arch = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "hidden_size": 128}
+    # 2 (K and V) x layers x kv heads x head_dim x tokens x batch x bytes
+    assert memory.kv_cache_bytes(arch, batch=3, tokens=10) == 2 * 2 * 2 * 32 * 10 * 3 * 2
+    assert memory.kv_cache_bytes(arch, 3, 10, bytes_per_element=4) == 2 * 2 * 2 * 32 * 10 * 3 * 4
+    mha = {k: v for k, v in arch.items() if k != "num_key_value_heads"}
+    assert memory.kv_cache_bytes(mha, 1, 1) == 2 * 2 * 4 * 32 * 2
+    explicit = {**arch, "head_dim": 64}
+    assert memory.kv_cache_bytes(explicit, 1, 1) == 2 * 2 * 2 * 64 * 2
+    assert memory.kv_cache_bytes(arch, 0, 10) == 0
+
+
+def test_attribute_splits_peak_into_components():
+    parts = memory.attribute(1000, 100, 500, 50, 150)
+    assert parts == {"runtime_before_load": 100, "weights": 500, "adapter": 50,
+                     "kv_cache": 150, "activations_and_other": 200}
+    assert memory.attribute(10, 100, 500, 50, 150)["activations_and_other"] == 0
+    assert "activations_and_other" not in memory.attribute(None, 0, 1, 2, 3)
+
+
+# --------------------------------------------------------------------------- resultio
+
+def _ok_result():
+    r = resultio.new_result("adapter", "m", adapter="a", params={"x": 1})
+    r["metrics"] = {"rank": 16}
+    return r
+
+
+def test_write_result_validates_and_writes(tmp_path, result_validator):
+    out = tmp_path / "sub" / "r.json"
+    resultio.write_result(out, _ok_result(), config={"k": 1})
+    data = json.loads(out.read_text())
+    result_validator.validate(data)
+    assert data["schema"] == "bench/v1" and data["status"] == "ok"
+    for key in ("device", "torch", "transformers", "git_commit", "config_hash", "hostname",
+                "started", "finished"):
+        assert key in data["env"]
+    assert data["env"]["config_hash"] == resultio.config_hash({"k": 1})
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("breakage", ["status", "ok_with_reason", "failure_without_reason",
+                                      "bench_without_samples", "extra_key", "validate_bad"])
+def test_invalid_result_raises_and_leaves_no_file(tmp_path, breakage):
+    import jsonschema
+    r = _ok_result()
+    if breakage == "status":
+        r["status"] = "maybe"
+    elif breakage == "ok_with_reason":
+        r["reason"] = "should be null when ok"
+    elif breakage == "failure_without_reason":
+        r["status"] = "unsupported"
+    elif breakage == "bench_without_samples":
+        r["kind"] = "bench"
+        r["metrics"] = {"runs": [], "overhead": [], "outputs": {}, "engine_info": {}}
+    elif breakage == "extra_key":
+        r["extra"] = 1
+    elif breakage == "validate_bad":
+        r["kind"] = "validate"
+        r["metrics"] = {"verdict": "MAYBE", "checks": []}
+    out = tmp_path / "r.json"
+    with pytest.raises(jsonschema.ValidationError):
+        resultio.write_result(out, r)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_serialization_keeps_previous_file_and_no_temp(tmp_path):
+    out = tmp_path / "r.json"
+    resultio.write_result(out, _ok_result())
+    before = out.read_text()
+    bad = _ok_result()
+    bad["metrics"] = {"not_json": object()}
+    with pytest.raises(TypeError):
+        resultio.write_result(out, bad)
+    assert out.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_recorded_failures(monkeypatch):
+    r = resultio.new_result("bench", "m", "e")
+    with resultio.recorded_failures(r):
+        raise resultio.ExpectedFailure("unsupported", "no GPU here")
+    assert (r["status"], r["reason"]) == ("unsupported", "no GPU here")
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+    r = resultio.new_result("bench", "m", "e")
+    with resultio.recorded_failures(r):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore text")
+    assert r["status"] == "oom"
+    assert r["reason"].endswith("Tried to allocate 2 GiB")
+
+    r = resultio.new_result("bench", "m", "e")
+    with pytest.raises(KeyError):
+        with resultio.recorded_failures(r):
+            raise KeyError("boom")
+    assert r["status"] == "ok"
+
+    monkeypatch.setattr(resultio, "RECORD_ERRORS", True)
+    with resultio.recorded_failures(r):
+        raise KeyError("boom")
+    assert r["status"] == "error" and "KeyError" in r["reason"]
+
+
+def test_require_ok_propagates_upstream_failure(tmp_path):
+    from int4lora.upstream import require_ok
+    ok = tmp_path / "ok.json"
+    bad = tmp_path / "bad.json"
+    resultio.write_result(ok, _ok_result())
+    failed = _ok_result()
+    failed.update(status="unsupported", reason="group size")
+    resultio.write_result(bad, failed)
+    assert set(require_ok(fetch=str(ok), adapter=None)) == {"fetch"}
+    with pytest.raises(resultio.ExpectedFailure) as exc:
+        require_ok(fetch=str(ok), quantize=str(bad))
+    assert exc.value.status == "unsupported" and "quantize step: group size" in exc.value.reason
+
+
+# --------------------------------------------------------------------------- quantize helpers
+
+def test_indivisible_layers_names_the_layers():
+    torch = pytest.importorskip("torch")
+    import quantize
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(128, 64)     # 128 % 64 == 0
+            self.down_proj = torch.nn.Linear(96, 64)   # 96 % 64 != 0
+            self.lm_head = torch.nn.Linear(96, 10)     # ignored by name
+
+    bad = quantize.indivisible_layers(Tiny(), 64)
+    assert bad == ["down_proj (in_features=96)"]
+    assert quantize.indivisible_layers(Tiny(), 32) == []
+    assert quantize.indivisible_layers(Tiny(), 64, ignore_names=()) == [
+        "down_proj (in_features=96)", "lm_head (in_features=96)"]
+
+
+def test_rename_experts_for_vllm(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import quantize
+
+    tensors = {
+        "model.layers.0.block_sparse_moe.experts.0.gate_proj.weight_packed": torch.full((2, 2), 1),
+        "model.layers.0.block_sparse_moe.experts.0.down_proj.weight_packed": torch.full((2, 2), 2),
+        "model.layers.0.block_sparse_moe.experts.11.up_proj.weight_scale": torch.full((2,), 3.0),
+        "model.layers.0.block_sparse_moe.gate.weight": torch.full((2, 2), 4.0),
+        "model.layers.0.mlp.gate_proj.weight_packed": torch.full((2, 2), 5),  # dense: unchanged
+        "model.layers.0.self_attn.q_proj.weight_packed": torch.full((2, 2), 6),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in tensors}}))
+    assert quantize.rename_experts_for_vllm(tmp_path) == 3
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+        assert fh.metadata() == {"format": "pt"}
+        w1 = fh.get_tensor("model.layers.0.block_sparse_moe.experts.0.w1.weight_packed")
+        w3 = fh.get_tensor("model.layers.0.block_sparse_moe.experts.11.w3.weight_scale")
+    assert keys == {
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight_packed",
+        "model.layers.0.block_sparse_moe.experts.0.w2.weight_packed",
+        "model.layers.0.block_sparse_moe.experts.11.w3.weight_scale",
+        "model.layers.0.block_sparse_moe.gate.weight",
+        "model.layers.0.mlp.gate_proj.weight_packed",
+        "model.layers.0.self_attn.q_proj.weight_packed",
+    }
+    assert torch.equal(w1, torch.full((2, 2), 1)) and torch.equal(w3, torch.full((2,), 3.0))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == keys
+    # idempotent: a second pass finds nothing to rename
+    assert quantize.rename_experts_for_vllm(tmp_path) == 0
