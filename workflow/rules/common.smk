@@ -117,3 +117,17 @@ def all_results():
             if "memory" in stages(engine) and config.get("profile_base_memory", True):
                 files.append(f"{RESULTS}/memory/{model}/{engine}/none.json")
     return sorted(set(files))
+
+
+def aggregate_inputs():
+    """All results of the matrix; with `report_partial`, only those that exist (a run cut short,
+    e.g. by a GPU lease), the others listed as missing in the report."""
+    files = all_results()
+    if config.get("report_partial"):
+        return [f for f in files if os.path.exists(f)]
+    return files
+
+
+def missing_results():
+    return [f for f in all_results() if not os.path.exists(f)] \
+        if config.get("report_partial") else []

@@ -1,12 +1,13 @@
 rule aggregate:
     input:
-        all_results(),
+        aggregate_inputs(),
     output:
         expand(f"{RESULTS}/tables/{{table}}.csv",
                table=["bench", "overhead", "memory", "validation", "coverage", "quality",
                       "status"]),
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
+        missing=missing_results(),
     log:
         "logs/aggregate.log",
     benchmark:

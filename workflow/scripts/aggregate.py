@@ -70,7 +70,16 @@ def bench_memory_rows(res: dict) -> list[dict]:
                 "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
         if mem.get(key) is not None:
             row[key] = mem[key]
-    for part, value in attribute(peak, 0, weights, adapter, kv).items():
+    if mem.get("engine_kv_cache_gib") is not None:
+        # vLLM preallocates its KV-cache pool and captures CUDA graphs: attribute the
+        # engine's own figures, not the workload's KV bytes
+        parts = {"weights": int((mem.get("engine_model_weights_gib") or 0) * 2**30),
+                 "kv_cache_pool": int(mem["engine_kv_cache_gib"] * 2**30),
+                 "cuda_graphs": int((mem.get("engine_cuda_graph_gib") or 0) * 2**30)}
+        parts["activations_and_other"] = max((peak or 0) - sum(parts.values()), 0)
+    else:
+        parts = attribute(peak, 0, weights, adapter, kv)
+    for part, value in parts.items():
         row[f"part_{part}"] = value
     for dtype, value in ((storage or {}).get("bytes_by_dtype") or {}).items():
         row[f"dtype_{dtype}"] = value
@@ -119,8 +128,22 @@ def quality_rows(res: dict) -> list[dict]:
              "quant_top1_vs_original": (a.get("quantization") or {}).get("top1_agreement")}]
 
 
-def main(inputs: list[str], outdir: str) -> dict[str, pd.DataFrame]:
+def missing_rows(paths: list[str]) -> list[dict]:
+    """results/<kind>/<model>/<engine>/<adapter>.json that a partial report lacks."""
+    rows = []
+    for path in paths:
+        parts = Path(path).with_suffix("").parts[-4:]
+        kind, model, engine, adapter = parts if len(parts) == 4 else ("?", "?", "?", "?")
+        rows.append({"kind": kind, "model": model, "engine": engine, "adapter": adapter,
+                     "status": "missing", "reason": "no result: this job did not run "
+                     "(partial report)", "file": str(path)})
+    return rows
+
+
+def main(inputs: list[str], outdir: str, missing: list[str] | None = None
+         ) -> dict[str, pd.DataFrame]:
     tables = {name: [] for name in TABLES}
+    tables["status"] += missing_rows(missing or [])
     bench_memory = []
     for path in sorted(inputs):
         res = read_json(path)
@@ -164,4 +187,5 @@ def sorted_first_adapter(res: dict) -> str:
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
     sm = snakemake  # noqa: F821
-    smk.run(sm, main, inputs=list(sm.input), outdir=sm.params.outdir)
+    smk.run(sm, main, inputs=list(sm.input), outdir=sm.params.outdir,
+            missing=list(sm.params.missing))
