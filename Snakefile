@@ -20,6 +20,9 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
+        # the result JSONs are targets too, so that a deleted one is rebuilt (with what
+        # depends on it) instead of being taken as an intermediate that is no longer needed
+        aggregate_inputs(),
         f"{RESULTS}/report/report.md",
         f"{RESULTS}/report/index.html",
     default_target: True
