@@ -223,11 +223,10 @@ def test_family_of(name, family):
     assert coverage.family_of(name) == family
 
 
-def test_family_of_post_attention_layernorm_is_norm_like_the_hf_engine():
-    from int4lora.nf4_experts import _family
-    name = "model.layers.0.post_attention_layernorm.weight"
-    assert _family(name) == "norm"
-    assert coverage.family_of(name) == _family(name)
+def test_family_of_post_attention_layernorm_is_norm():
+    assert coverage.family_of("model.layers.0.post_attention_layernorm.weight") == "norm"
+    assert coverage.family_of("model.layers.0.input_layernorm.weight") == "norm"
+    assert coverage.family_of("model.norm.weight") == "norm"
 
 
 def _storage(**bytes_by_family):

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .coverage import FAMILIES, family_of
+
 # Names of fused 3D expert weights in Mixtral-style models (transformers 5 and older ports).
 EXPERT_PARAM_NAMES = {"gate_up_proj", "down_proj", "gate_proj", "up_proj", "w1", "w2", "w3"}
-FAMILIES = ("attention", "dense_mlp", "experts", "router", "embeddings", "lm_head", "norm",
-            "lora", "other")
 _FOUR_BIT = {"nf4", "fp4"}
 
 
@@ -230,28 +230,6 @@ def _quant_state_tensors(qs):
         yield from _quant_state_tensors(qs.state2)
 
 
-def _family(name: str) -> str:
-    """Module family of a qualified parameter name (Llama/Mistral/Mixtral/Qwen-style naming)."""
-    parts = name.split(".")
-    if any(p.startswith("lora_") for p in parts):
-        return "lora"
-    if "experts" in parts:
-        return "experts"
-    if any(p in ("gate", "router") for p in parts) or "shared_expert_gate" in parts:
-        return "router"
-    if any("norm" in p for p in parts):
-        return "norm"
-    if any(p in ("self_attn", "attn", "attention", "self_attention") for p in parts):
-        return "attention"
-    if any(p in ("embed_tokens", "wte", "wpe", "embeddings", "word_embeddings") for p in parts):
-        return "embeddings"
-    if parts[0] == "lm_head" or "lm_head" in parts:
-        return "lm_head"
-    if any(p in ("mlp", "feed_forward", "ffn", "shared_expert") for p in parts):
-        return "dense_mlp"
-    return "other"
-
-
 def _storage(model: nn.Module):
     """Yield (qualified weight name, kind, logical elements, stored bytes) for every parameter."""
     import bitsandbytes as bnb
@@ -308,7 +286,7 @@ def weight_storage_report(model: nn.Module) -> dict:
         k["bytes"] += nbytes
         k["params"] += n
         k["tensors"] += 1
-        fam = by_family[_family(name)]
+        fam = by_family[family_of(name)]
         fam["bytes"] += nbytes
         fam["params"] += n
         fam["tensors"] += 1
