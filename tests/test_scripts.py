@@ -234,6 +234,30 @@ def test_quantize_w4a16_writes_packed_checkpoint(pipe, model, result_validator):
         assert any("mlp.down_proj" in n for n in packed)
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_dequantized_w4a16_reference_is_the_original_up_to_int4_error(pipe, model):
+    """The vLLM engine's fp32 reference: every weight maps back (Mixtral w1/w2/w3 fused into
+    gate_up_proj/down_proj), with the relative error of 4-bit RTN, not of a wrong mapping."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from int4lora.reference import dequantized_compressed_model
+
+    quant = pipe.quant(model, "vllm")["metrics"]["path"]
+    original_dir = _read(pipe.path("models", f"{model}.json"))["metrics"]["path"]
+    deq = dequantized_compressed_model(quant, original_dir, "cpu").state_dict()
+    orig = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32).state_dict()
+    assert set(deq) == set(orig)
+    quantized = [k for k in orig if k.endswith(("proj.weight", "gate_up_proj", "down_proj"))
+                 and "embed" not in k and not k.endswith("mlp.gate.weight")]
+    assert quantized
+    for key in quantized:
+        rel = ((deq[key] - orig[key]).norm() / orig[key].norm()).item()
+        assert 0.01 < rel < 0.2, (key, rel)  # int4 group-64 RTN on Gaussian weights: ~0.1
+    for key in set(orig) - set(quantized):
+        assert torch.equal(deq[key], orig[key]), key
+
+
 def test_quantize_w4a16_cached_second_time(pipe):
     pipe.quant("tiny-llama", "vllm")
     out = pipe.path("quantize", "tiny-llama", "vllm-again.json")

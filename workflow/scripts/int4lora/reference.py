@@ -57,15 +57,16 @@ def _dequantize_packed(packed, scale, shape, args: dict):
     return dequantize(q, scale, None, QuantizationArgs(**args), dtype=torch.float32)
 
 
-def compressed_state_dict(quant_dir: str | Path) -> dict:
-    """fp32 weights of a compressed-tensors pack-quantized checkpoint, under its own names."""
+def compressed_state_dict(quant_dir: str | Path, device: str = "cpu") -> dict:
+    """fp32 weights of a compressed-tensors pack-quantized checkpoint, under its own names
+    (unpacked on `device`, the GPU in a GPU run)."""
     from safetensors import safe_open
 
     qcfg = json.loads((Path(quant_dir) / "config.json").read_text())["quantization_config"]
     args = next(iter(qcfg["config_groups"].values()))["weights"]
     raw = {}
     for path in sorted(Path(quant_dir).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as fh:
+        with safe_open(str(path), "pt", device=device) as fh:
             raw.update({k: fh.get_tensor(k) for k in fh.keys()})
     out = {}
     for key, tensor in raw.items():
@@ -119,7 +120,7 @@ def dequantized_compressed_model(quant_dir: str | Path, original_dir: str | Path
     model = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32,
                                                  device_map=device)
     targets = {k: v.shape for k, v in model.state_dict().items()}
-    state = fuse_experts(compressed_state_dict(quant_dir), targets)
+    state = fuse_experts(compressed_state_dict(quant_dir, device), targets)
     if "lm_head.weight" in targets and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict({k: state[k] for k in targets})
