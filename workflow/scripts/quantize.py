@@ -50,7 +50,8 @@ def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # oneshot needs config._name_or_path to be a real directory: load from the saved path
-    device_map = "cuda" if torch.cuda.is_available() else None
+    # "auto" spills to host memory where the GPU is too small (Mixtral-8x7B in bf16 is 93 GB)
+    device_map = "auto" if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                  device_map=device_map)
     bad = indivisible_layers(model, recipe["group_size"])
