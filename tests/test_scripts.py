@@ -596,3 +596,19 @@ def test_report_html_is_self_contained(reported):
     assert html.count('src="data:image/png;base64,') >= 3
     assert 'src="../figures/' not in html
     assert "<table>" in html and "FAIL: do not trust" in html
+
+
+def test_hf_static_cache_mode_decodes_the_same_tokens(pipe):
+    """`static-compile` (static KV cache; compiled on CUDA) must not change what is decoded."""
+    from int4lora.engines.hf_engine import HfEngine
+
+    path = _read(pipe.path("models", "tiny-llama.json"))["metrics"]["path"]
+    prompts = [[1] + [40 + i] * 15 for i in range(2)]
+    tokens = {}
+    for mode in ("generate", "static-compile"):
+        eng = HfEngine(path, quantization="nf4", compute_dtype="float32", mode=mode)
+        timing = eng.generate(prompts, 8, [None, None])
+        assert timing.output_tokens == 16 and len(timing.ttft_s) == 2
+        tokens[mode] = timing.output_token_ids
+        eng.close()
+    assert tokens["static-compile"] == tokens["generate"]
