@@ -20,18 +20,21 @@ def process_memory(device: str = "cpu") -> dict:
 
 
 def nvml_memory(index: int = 0) -> dict:
-    """Device-wide and per-process used memory from NVML; {} where NVML is absent."""
+    """Device-wide used memory and that of this process and its children (vLLM's engine core
+    runs in a child) from NVML; {} where NVML is absent."""
     try:
+        import psutil
         import pynvml
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
         procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        mine = sum((p.usedGpuMemory or 0) for p in procs if p.pid == os.getpid())
+        pids = {os.getpid()} | {c.pid for c in psutil.Process().children(recursive=True)}
         return {"nvml_device_used_bytes": mem.used, "nvml_device_total_bytes": mem.total,
-                "nvml_process_used_bytes": mine,
+                "nvml_process_used_bytes": sum((p.usedGpuMemory or 0) for p in procs
+                                               if p.pid in pids),
                 "nvml_all_processes_used_bytes": sum((p.usedGpuMemory or 0) for p in procs)}
-    except Exception:
+    except Exception:  # no NVML, no GPU: the torch and engine figures still stand
         return {}
 
 
@@ -40,21 +43,6 @@ def kv_cache_bytes(arch: dict, batch: int, tokens: int, bytes_per_element: int =
     heads = arch.get("num_key_value_heads") or arch["num_attention_heads"]
     head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
     return 2 * arch["num_hidden_layers"] * heads * head_dim * tokens * batch * bytes_per_element
-
-
-def decode_bytes_per_step(weight_bytes_read: int, adapter_bytes: int, arch: dict, batch: int,
-                          context_tokens: int, kv_bytes_per_element: int = 2) -> int:
-    """The fewest bytes one decode step must read: weights (+scales), adapter, KV cache."""
-    return weight_bytes_read + adapter_bytes + kv_cache_bytes(arch, batch, context_tokens,
-                                                              kv_bytes_per_element)
-
-
-def moe_active_fraction(arch: dict) -> float:
-    """Share of expert weights one token touches (top-k of E); batch makes it grow."""
-    experts = arch.get("num_local_experts")
-    if not experts:
-        return 1.0
-    return arch.get("num_experts_per_tok", 2) / experts
 
 
 def attribute(peak: int | None, runtime: int, weights: int, adapter: int, kv: int) -> dict:

@@ -144,6 +144,3 @@ def architecture_summary(model_dir: Path) -> dict:
             "num_experts_per_tok", "head_dim")
     return {k: cfg.get(k) for k in keys if cfg.get(k) is not None}
 
-
-def is_moe(model_dir: Path) -> bool:
-    return bool(architecture_summary(model_dir).get("num_local_experts"))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from int4lora.engines.base import BatchTiming, ScoredSequence
+from int4lora.memory import nvml_memory
 
 # vllm/config/lora.py: MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 ALLOWED_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -692,7 +693,7 @@ class VllmEngine:
             "engine_kv_cache_tokens": log["kv_cache_tokens"],
             "engine_cuda_graph_gib": log["cuda_graph_gib"],
         }
-        out.update(_nvml_memory())
+        out.update(nvml_memory())
         return out
 
     def close(self) -> None:
@@ -724,43 +725,3 @@ class VllmEngine:
     def __exit__(self, *exc):
         self.close()
         return False
-
-
-def _nvml_memory() -> dict:
-    """Device and process-tree GPU memory from NVML; {} when NVML is unavailable."""
-    try:
-        import pynvml
-    except Exception:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
-    try:
-        vis = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-        if vis.startswith(("GPU-", "MIG-")):
-            h = pynvml.nvmlDeviceGetHandleByUUID(vis)
-        else:
-            h = pynvml.nvmlDeviceGetHandleByIndex(int(vis) if vis.isdigit() else 0)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-        out: dict[str, Any] = {"nvml_device_used_bytes": int(mem.used),
-                               "nvml_device_total_bytes": int(mem.total)}
-        pids = {os.getpid()}
-        with contextlib.suppress(Exception):
-            import psutil
-
-            pids |= {c.pid for c in psutil.Process().children(recursive=True)}
-        used = 0
-        found = False
-        with contextlib.suppress(Exception):
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                if p.pid in pids and p.usedGpuMemory is not None:
-                    used += int(p.usedGpuMemory)
-                    found = True
-        out["nvml_process_used_bytes"] = used if found else None
-        return out
-    except Exception:
-        return {}
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
