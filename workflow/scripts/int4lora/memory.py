@@ -19,14 +19,22 @@ def process_memory(device: str = "cpu") -> dict:
     return info
 
 
-def nvml_memory(index: int = 0) -> dict:
+def _nvml_handle(pynvml):
+    """NVML counts physical GPUs; CUDA_VISIBLE_DEVICES (set by SLURM) says which one is ours."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if visible.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(visible)
+    return pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+
+
+def nvml_memory() -> dict:
     """Device-wide used memory and that of this process and its children (vLLM's engine core
     runs in a child) from NVML; {} where NVML is absent."""
     try:
         import psutil
         import pynvml
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _nvml_handle(pynvml)
         mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
         procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
         pids = {os.getpid()} | {c.pid for c in psutil.Process().children(recursive=True)}
