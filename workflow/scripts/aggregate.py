@@ -163,8 +163,15 @@ def main(inputs: list[str], outdir: str, missing: list[str] | None = None
         elif res["kind"] == "validate":
             tables["validation"] += validation_rows(res)
             tables["quality"] += quality_rows(res)
-            if res["adapter"] == sorted_first_adapter(res):
-                tables["coverage"] += coverage_rows(res)
+            tables["coverage"] += coverage_rows(res)
+    # coverage does not depend on the adapter: one row set per (model, engine)
+    seen, unique = set(), []
+    for row in tables["coverage"]:
+        key = (row["model"], row["engine"], row["family"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    tables["coverage"] = unique
     profiled = {(r["model"], r["engine"], r["adapter"]) for r in tables["memory"]}
     tables["memory"] += [r for rows in bench_memory for r in rows
                          if (r["model"], r["engine"], r["adapter"]) not in profiled]
@@ -177,11 +184,6 @@ def main(inputs: list[str], outdir: str, missing: list[str] | None = None
         tmp.replace(Path(outdir) / f"{name}.csv")
         frames[name] = df
     return frames
-
-
-def sorted_first_adapter(res: dict) -> str:
-    """Coverage does not depend on the adapter: keep one row set per (model, engine)."""
-    return res["adapter"] if res["metrics"].get("adapter_kind") != "experts" else ""
 
 
 if __name__ == "__main__" and "snakemake" in globals():
