@@ -54,6 +54,10 @@ def _engine_key_typo(c):
     c["engines"]["hf"]["quantisation"] = c["engines"]["hf"].pop("quantization")
 
 
+def _only_unknown_model(c):
+    c["only_models"] = ["tiny-llama", "llama-70b"]
+
+
 # (base config, edit, strings the error message must contain)
 BROKEN = {
     "typo-top-level-key": (OFFLINE, _typo, ["benchmrk"]),
@@ -63,6 +67,7 @@ BROKEN = {
     "adapter-rank-0": (OFFLINE, _rank0, ["rank", "minimum of 1"]),
     "adapter-rank-1024-vllm": (GPU_SMOKE, _rank1024, ["adapters.r16-qv.rank=1024", "vLLM"]),
     "unknown-adapter": (OFFLINE, _unknown_adapter, ["r64-everything"]),
+    "only-models-unknown": (OFFLINE, _only_unknown_model, ["only_models", "llama-70b"]),
     "experts-adapter-on-dense-model": (OFFLINE, _experts_adapter_on_dense,
                                        ["r16-experts", "tiny-llama", "not a MoE"]),
 }

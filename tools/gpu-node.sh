@@ -2,6 +2,7 @@
 # Run a preset on an air-gapped GPU node that has the offline bundle unpacked
 # (../shared/gpu/README.md), within a wall-clock budget, and pack the run for the trip back.
 #   tools/gpu-node.sh PRESET [snakemake targets/options...]
+#   e.g. tools/gpu-node.sh gpu-synthetic --config only_models=[mistral-7b-shape]
 # BUDGET_S (default 540): snakemake is interrupted after it; finished jobs stay done, the
 # interrupted one is cleaned up, and the next call resumes (--rerun-incomplete).
 set -uo pipefail
@@ -11,6 +12,10 @@ export PYTHONUNBUFFERED=1
 # FlashInfer's sampler is JIT-compiled with ninja at the first engine start (minutes on a bare
 # node, seen on the H100 node); vLLM's PyTorch sampler needs no build.
 export VLLM_USE_FLASHINFER_SAMPLER=0
+# results of an earlier lease travel as a tarball (mtimes kept, so nothing reruns)
+if [ -f .gpu-results/results.tar.gz ] && [ ! -d results ]; then
+  tar xzf .gpu-results/results.tar.gz
+fi
 # a run interrupted by the budget leaves Snakemake's lock behind
 python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
 timeout --signal=INT --kill-after=60 "${BUDGET_S:-540}" \

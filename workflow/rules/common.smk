@@ -13,6 +13,12 @@ validate(config, schema="../schemas/config.schema.json")
 
 RESULTS = "results"
 MODELS = config["models"]
+if config.get("only_models"):
+    # run a subset of the matrix (e.g. one model per GPU lease); the report covers that subset
+    unknown = sorted(set(config["only_models"]) - set(MODELS))
+    if unknown:
+        raise ValueError(f"only_models: unknown model(s) {unknown} (configured: {', '.join(MODELS)})")
+    MODELS = {name: MODELS[name] for name in config["only_models"]}
 ENGINES = config["engines"]
 ADAPTERS = config["adapters"]
 
