@@ -5,6 +5,8 @@ lora:     the LoRA-enabled engine; base requests ("lora-base"), the adapter ("lo
           and N distinct adapters in one batch ("lora-xN") interleave in one process.
 """
 
+import shutil
+import tempfile
 import time
 
 from int4lora import harness
@@ -42,6 +44,15 @@ def roofline(run: dict, storage: dict | None, arch: dict, adapter_bytes: int,
             "roofline_fraction": floor / run["tpot_s"]["median"]}
 
 
+def decode_profile(eng, prompts, profile: dict, adapter_name: str | None, out_dir: str) -> dict:
+    """Where batch-1 decode time goes: one profiled generate after the timed sweep (the
+    profiler slows that call, so its timings never enter the results above)."""
+    prof = eng.profile_decode(prompts[:1], profile.get("tokens", 64), [adapter_name],
+                              out_dir=out_dir)
+    return {k: prof.get(k) for k in ("by_step_kind", "by_class", "kernels", "total_gpu_us",
+                                     "decode_step_us", "tpot_s_median")}
+
+
 def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_json: str,
          quant_json: str, adapter_json: str | None, bandwidth_json: str | None,
          bench_cfg: dict, device: str, output: str, log_path: str | None = None,
@@ -60,9 +71,18 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
             adapter_bytes, rank = meta["bytes"], meta["rank"]
         batches = sorted(engine_cfg.get("batch_sizes") or bench_cfg["batch_sizes"])
         multi = engine_cfg.get("multi_adapter", bench_cfg.get("multi_adapter", []))
-        eng = make_engine(engine_cfg["backend"], up["quantize"]["metrics"]["path"], engine_cfg,
-                          device=device, adapters=adapter_paths, enable_lora=bool(adapter),
-                          max_lora_rank=rank, max_loras=max([1, *multi]), log_path=log_path)
+        profile = engine_cfg.get("profile_decode") if engine_cfg["backend"] == "vllm" else None
+        profile_dir = tempfile.mkdtemp(prefix="decode-profile-") if profile else None
+        try:
+            eng = make_engine(engine_cfg["backend"], up["quantize"]["metrics"]["path"],
+                              engine_cfg, device=device, adapters=adapter_paths,
+                              enable_lora=bool(adapter), max_lora_rank=rank,
+                              max_loras=max([1, *multi]), log_path=log_path,
+                              profile_dir=profile_dir)
+        except BaseException:
+            if profile_dir:
+                shutil.rmtree(profile_dir, ignore_errors=True)
+            raise
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(up["fetch"]["metrics"]["path"])
@@ -101,8 +121,13 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
                                  "adapter_bytes": adapter_bytes,
                                  "weight_storage": storage}
             result["samples"] = samples
+            if profile:
+                result["metrics"]["decode_profile"] = decode_profile(
+                    eng, prompts, profile, next(iter(adapter_paths), None), profile_dir)
         finally:
             eng.close()
+            if profile_dir:
+                shutil.rmtree(profile_dir, ignore_errors=True)  # traces are large; keep the summary
     return write_result(output, result, config, started)
 
 

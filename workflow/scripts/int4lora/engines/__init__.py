@@ -4,8 +4,10 @@ from __future__ import annotations
 
 def make_engine(backend: str, model_path: str, engine_cfg: dict, *, device: str,
                 adapters: dict[str, str] | None, enable_lora: bool, max_lora_rank: int = 16,
-                max_loras: int = 1, log_path: str | None = None, quantization: str | None = None):
-    """quantization overrides the engine's (validation builds fp32/unquantized references)."""
+                max_loras: int = 1, log_path: str | None = None, quantization: str | None = None,
+                profile_dir: str | None = None):
+    """quantization overrides the engine's (validation builds fp32/unquantized references);
+    profile_dir enables vLLM's torch profiler (used only by profile_decode)."""
     quant = quantization or engine_cfg.get("quantization")
     if backend == "hf":
         from .hf_engine import HfEngine
@@ -26,7 +28,10 @@ def make_engine(backend: str, model_path: str, engine_cfg: dict, *, device: str,
             raise ExpectedFailure("unsupported", f"LoRA rank {max_lora_rank} is above vLLM's "
                                   f"limit {max(ALLOWED_MAX_LORA_RANKS)}")
         max_lora_rank = fitting[0]
-        return VllmEngine(model_path, settings=engine_cfg.get("settings", {}),
+        settings = dict(engine_cfg.get("settings", {}))
+        if profile_dir:
+            settings["profile_dir"] = profile_dir
+        return VllmEngine(model_path, settings=settings,
                           enable_lora=enable_lora, adapters=adapters,
                           max_lora_rank=max_lora_rank, max_loras=max_loras,
                           quantization="bitsandbytes" if quant == "bitsandbytes" else None,

@@ -5,7 +5,8 @@ exact source strings behind every regex below). vLLM is imported lazily, so this
 on a machine without vLLM and its pure helpers are unit-tested there.
 
 Pure helpers (tested without vLLM):
-    build_llm_kwargs, kernel_env, parse_engine_log, timing_from_outputs, prompt_logprobs_to_scored
+    build_llm_kwargs, kernel_env, parse_engine_log, timing_from_outputs, prompt_logprobs_to_scored,
+    profiler_config_from_settings
 Engine (GPU only):
     VllmEngine
 
@@ -104,6 +105,8 @@ def build_llm_kwargs(
     - quantization None -> not passed (vLLM reads the checkpoint's quantization_config, i.e.
       compressed-tensors); "bitsandbytes" -> in-flight NF4 of a bf16 checkpoint (vLLM sets
       load_format="bitsandbytes" itself, vllm/engine/arg_utils.py).
+    - ``profiler_config`` only when settings["profile_dir"] is set (opt-in torch profiler, see
+      profiler_config_from_settings); absent otherwise, so the default engine is unchanged.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(
@@ -140,6 +143,9 @@ def build_llm_kwargs(
                     f"max_cpu_loras={max_cpu_loras} must be >= max_loras={max_loras}"
                 )
             kwargs["max_cpu_loras"] = int(max_cpu_loras)
+    prof = profiler_config_from_settings(settings)
+    if prof is not None:
+        kwargs["profiler_config"] = prof
     extra = settings.get("engine_args")
     if extra:
         kwargs.update(dict(extra))
@@ -170,6 +176,61 @@ def kernel_env(w4a16_kernel: str | None, tuned_lora_config_dir: str | None) -> d
     if tuned_lora_config_dir:
         env["VLLM_TUNED_CONFIG_FOLDER"] = os.path.abspath(str(tuned_lora_config_dir))
     return env
+
+
+# Opt-in torch profiler (vLLM 0.26). Source facts:
+# - vllm/config/profiler.py ProfilerConfig: profiler: Literal["torch", "cuda"] | None = None;
+#   torch_profiler_dir (required when profiler == "torch", made absolute by the validator);
+#   torch_profiler_with_stack=True, torch_profiler_use_gzip=True,
+#   torch_profiler_dump_cuda_time_total=True, torch_profiler_record_shapes=False,
+#   delay_iterations=0, max_iterations=0 (no limit), warmup/wait_iterations=0 (no schedule),
+#   ignore_frontend=False (only AsyncLLM has a front-end profiler; vllm.LLM uses LLMEngine).
+#   compute_hash() has no factors: profiling does not change the compiled graph / compile cache.
+# - vllm/entrypoints/llm.py LLM.__init__(..., profiler_config: dict | ProfilerConfig | None)
+#   (dict -> ProfilerConfig via _make_config), forwarded to EngineArgs(profiler_config=...).
+#   The env var VLLM_TORCH_PROFILER_DIR no longer exists in 0.26 (not in vllm/envs.py).
+# - LLM.start_profile(profile_prefix=None) / LLM.stop_profile() -> v1/engine/llm_engine.py
+#   -> engine_core.profile(is_start, prefix) (core_client.py: a blocking call_utility in the
+#   multiprocess client) -> v1/engine/core.py EngineCore.profile -> executor.collective_rpc
+#   ("profile") -> v1/worker/gpu_worker.py Worker.profile. Without a profiler_config it raises
+#   RuntimeError("Profiling is not enabled. Please set --profiler-config ...").
+# - Worker.profile creates TorchProfilerWrapper (vllm/profiler/wrapper.py) on the first start,
+#   activities CPU+CUDA, on_trace_ready=torch.profiler.tensorboard_trace_handler(dir,
+#   worker_name=trace_name, use_gzip=...). trace_name = "<prefix>_<suffix>" or "<suffix>",
+#   suffix = vllm/distributed/utils.py get_worker_rank_suffix(rank) =
+#   "dp{dp}_pp{pp}_tp{tp}_dcp{dcp}_ep{ep}_rank{rank}"; the name of the first start is kept for
+#   later starts. torch writes "<dir>/<trace_name>.<time.time_ns()>.pt.trace.json[.gz]"
+#   (torch/profiler/profiler.py tensorboard_trace_handler) when the profiler stops. On stop the
+#   wrapper also prints a key_averages table sorted by self_cuda_time_total (rank 0, to stdout
+#   -> our engine log) and writes it to "<dir>/profiler_out_<rank>.txt".
+# - Worker.execute_model wraps each step in Worker.annotate_profile: record_function(
+#   "execute_context_<n>(<tok>)_generation_<n>(<tok>)") (int4lora.profiling.STEP_ANNOTATION).
+PROFILE_SETTINGS_DEFAULTS: dict[str, Any] = {
+    # no Python stacks: much smaller traces and less CPU overhead; kernel times are what we need
+    "torch_profiler_with_stack": False,
+    "torch_profiler_use_gzip": True,
+    "torch_profiler_record_shapes": False,
+}
+
+
+def profiler_config_from_settings(settings: dict | None) -> dict | None:
+    """``profiler_config`` for ``vllm.LLM`` from settings, or None (profiling off, the default).
+
+    settings["profile_dir"]: directory for torch traces (made absolute) -> profiler="torch".
+    settings["profiler_config"]: optional dict of further ProfilerConfig fields, merged over
+    PROFILE_SETTINGS_DEFAULTS (e.g. {"torch_profiler_record_shapes": True}); ignored without
+    profile_dir. The engine then behaves as before until VllmEngine.profile_decode is called
+    (the worker creates its profiler lazily, on the first start_profile).
+    """
+    settings = settings or {}
+    d = settings.get("profile_dir")
+    if not d:
+        return None
+    cfg: dict[str, Any] = dict(PROFILE_SETTINGS_DEFAULTS)
+    cfg.update(dict(settings.get("profiler_config") or {}))
+    cfg["profiler"] = "torch"
+    cfg["torch_profiler_dir"] = os.path.abspath(os.path.expanduser(str(d)))
+    return cfg
 
 
 def tuned_lora_config_filenames(gpu_name: str) -> list[str]:
@@ -658,6 +719,111 @@ class VllmEngine:
             kw["min_tokens"] = n
         outs, _ = self._run(prompts, self._sampling(**kw), adapters)
         return [list(o.outputs[0].token_ids) for o in outs]
+
+    def profile_decode(self, prompts: list[list[int]], max_new_tokens: int,
+                       adapters: list[str | None], out_dir: str, *, top: int = 25,
+                       timeout_s: float = 300.0) -> dict:
+        """Torch-profile one fixed-length greedy generate call; summarise its GPU kernels.
+
+        Needs an engine built with settings["profile_dir"] (build_llm_kwargs then passes
+        ``profiler_config={"profiler": "torch", "torch_profiler_dir": <abs dir>, ...}`` to
+        vllm.LLM; vLLM 0.26 has no VLLM_TORCH_PROFILER_DIR env var any more). Call it on a
+        warmed-up engine, after the timed measurements: once started, vLLM's worker keeps a
+        (stopped) profiler object and adds a record_function per step.
+
+        Flow (vLLM 0.26 sources, see the comment above profiler_config_from_settings):
+        LLM.start_profile() -> Worker.profile(True) (TorchProfilerWrapper, CPU+CUDA) ->
+        LLM.generate(same SamplingParams as generate()) -> LLM.stop_profile() -> Worker.profile
+        (False): torch writes "<profile_dir>/dp0_pp0_tp0_dcp0_ep0_rank0.<ns>.pt.trace.json.gz"
+        (and profiler_out_0.txt). The call is synchronous (engine-core utility call); we still
+        wait up to timeout_s for the file to appear and stop growing.
+
+        New trace files are moved into out_dir (left in place when out_dir is the profile dir);
+        the rank-0 trace is summarised with int4lora.profiling.summarize_trace(steps=decode
+        steps) and the result, plus the run's timing, is written to out_dir/profile_summary.json
+        and returned. decode steps = max_new_tokens - 1 (the first token comes from the prefill
+        step); "by_step_kind"["decode"] holds the decode-only kernel time per step, from vLLM's
+        per-step annotations.
+        """
+        import shutil
+
+        from int4lora.profiling import format_summary, summarize_trace
+
+        if self._llm is None:
+            raise RuntimeError("engine is closed")
+        cfg = self.llm_kwargs.get("profiler_config")
+        if not isinstance(cfg, Mapping) or cfg.get("profiler") != "torch" \
+                or not cfg.get("torch_profiler_dir"):
+            raise RuntimeError("profile_decode needs an engine built with settings['profile_dir'] "
+                               "(vLLM's profiler_config is set at construction)")
+        n = int(max_new_tokens)
+        if n < 2:
+            raise ValueError("max_new_tokens must be >= 2 to profile decode steps")
+        trace_dir = Path(cfg["torch_profiler_dir"])
+        out = Path(out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+
+        def traces() -> dict[Path, int]:
+            if not trace_dir.is_dir():
+                return {}
+            return {p: p.stat().st_size for p in trace_dir.glob("*.pt.trace.json*")}
+
+        before = set(traces())
+        sp = self._sampling(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True,
+                            detokenize=False)
+        with self._cap.capture():
+            self._llm.start_profile()
+        try:
+            outs, e2e = self._run(prompts, sp, adapters)
+        finally:
+            with self._cap.capture():
+                self._llm.stop_profile()
+
+        # wait until new trace files exist and their sizes are stable
+        deadline = time.monotonic() + float(timeout_s)
+        new: dict[Path, int] = {}
+        while True:
+            now = {p: s for p, s in traces().items() if p not in before}
+            if now and now == new and all(s > 0 for s in now.values()):
+                break
+            new = now
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if not new:
+            raise RuntimeError(f"no new *.pt.trace.json* in {trace_dir} after stop_profile "
+                               f"(see {self.log_path})")
+
+        moved: list[Path] = []
+        for p in sorted(new):
+            dst = out / p.name
+            if p.resolve() != dst:  # out_dir may be the profile dir itself
+                shutil.move(str(p), dst)
+            moved.append(dst)
+        for table in trace_dir.glob("profiler_out_*.txt"):
+            if table.resolve().parent != out:
+                shutil.copy2(table, out / table.name)
+        rank0 = [p for p in moved if re.search(r"(^|_)rank0\.", p.name)]
+        trace = (rank0 or moved)[0]
+
+        summary = summarize_trace(str(trace), top=top, steps=n - 1)
+        timing = timing_from_outputs(outs, e2e) if has_request_metrics(outs) else None
+        summary.update({
+            "decode_steps": n - 1,
+            "max_new_tokens": n,
+            "batch_size": len(prompts),
+            "adapters": list(adapters),
+            "e2e_s": e2e,
+            "tpot_s_median": (float(sorted(timing.tpot_s)[len(timing.tpot_s) // 2])
+                              if timing and timing.tpot_s else None),
+            "ttft_s_median": (float(sorted(timing.ttft_s)[len(timing.ttft_s) // 2])
+                              if timing and timing.ttft_s else None),
+            "trace_files": [str(p) for p in moved],
+            "profiler_config": dict(cfg),
+        })
+        (out / "profile_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        (out / "profile_summary.txt").write_text(format_summary(summary, top=top) + "\n")
+        return summary
 
     def engine_log(self) -> dict:
         return parse_engine_log(self._cap.text())
