@@ -4,27 +4,35 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 @contextmanager
 def fd_redirect(log_path: str | None):
-    """Send fds 1 and 2 (this process and its children, e.g. vLLM's engine core) to the log."""
+    """Send fds 1 and 2 (this process and its children, e.g. vLLM's engine core) to the log,
+    appending; restore them afterwards."""
     if not log_path:
         yield
         return
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log_path, "a") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
+    _flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        yield
+    finally:
+        _flush()
+        for fd, old in saved.items():
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(log_fd)
+
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
 
 
 def run(snakemake, main, **kwargs):

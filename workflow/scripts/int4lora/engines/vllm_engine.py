@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from int4lora.engines.base import BatchTiming, ScoredSequence
 from int4lora.memory import nvml_memory
+from int4lora.smk import fd_redirect
 
 # vllm/config/lora.py: MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 ALLOWED_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -528,23 +529,10 @@ class _FdCapture:
 
     @contextlib.contextmanager
     def capture(self):
-        for s in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                s.flush()
-        saved = {fd: os.dup(fd) for fd in (1, 2)}
-        log_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            yield
+            with fd_redirect(self.path):
+                yield
         finally:
-            for s in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    s.flush()
-            for fd, old in saved.items():
-                os.dup2(old, fd)
-                os.close(old)
-            os.close(log_fd)
             self.tee()
 
     def tee(self) -> None:
