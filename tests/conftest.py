@@ -76,3 +76,33 @@ def job_stats(output: str) -> dict[str, int]:
     rows = dict(line.split() for line in m.group(1).splitlines())
     rows.pop("total", None)
     return {k: int(v) for k, v in rows.items()}
+
+
+def install_fake_vllm(monkeypatch, llm_cls):
+    """A stand-in `vllm` package (LLM, SamplingParams, LoRARequest) for testing the backend's
+    own logic on a machine without vLLM; llm_cls plays vllm.LLM."""
+    import types
+
+    mod = types.ModuleType("vllm")
+    mod._is_fake = True
+    mod.__version__ = "0.26.0-fake"
+    mod.LLM = llm_cls
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    mod.SamplingParams = SamplingParams
+    lora = types.ModuleType("vllm.lora")
+    req = types.ModuleType("vllm.lora.request")
+
+    class LoRARequest:
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
+
+    req.LoRARequest = LoRARequest
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", req)
+    llm_cls.instances.clear()
+    return mod

@@ -10,13 +10,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 
 from int4lora import profiling as pr
+from conftest import install_fake_vllm
 from int4lora.engines import vllm_engine as ve
 
 PREFILL = "execute_context_1(16)_generation_0(0)"
@@ -321,29 +320,7 @@ class _ProfFakeLLM:
 
 @pytest.fixture
 def prof_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod._is_fake = True
-    mod.__version__ = "0.26.0-fake"
-    mod.LLM = _ProfFakeLLM
-
-    class SamplingParams:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    mod.SamplingParams = SamplingParams
-    lora = types.ModuleType("vllm.lora")
-    req = types.ModuleType("vllm.lora.request")
-
-    class LoRARequest:
-        def __init__(self, lora_name, lora_int_id, lora_path):
-            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
-
-    req.LoRARequest = LoRARequest
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", req)
-    _ProfFakeLLM.instances.clear()
-    return mod
+    return install_fake_vllm(monkeypatch, _ProfFakeLLM)
 
 
 def test_profile_decode_with_fake_vllm(prof_vllm, tmp_path):

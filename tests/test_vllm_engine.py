@@ -8,11 +8,11 @@ import json
 import math
 import os
 import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import install_fake_vllm
 from int4lora.engines import vllm_engine as ve
 from int4lora.engines.base import BatchTiming, ScoredSequence
 
@@ -326,29 +326,8 @@ class _FakeLLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod._is_fake = True
-    mod.__version__ = "0.26.0-fake"
-    mod.LLM = _FakeLLM
-
-    class SamplingParams:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    mod.SamplingParams = SamplingParams
-    lora = types.ModuleType("vllm.lora")
-    req = types.ModuleType("vllm.lora.request")
-
-    class LoRARequest:
-        def __init__(self, lora_name, lora_int_id, lora_path):
-            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
-
-    req.LoRARequest = LoRARequest
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", req)
+    mod = install_fake_vllm(monkeypatch, _FakeLLM)
     monkeypatch.delenv("VLLM_DISABLED_KERNELS", raising=False)
-    _FakeLLM.instances.clear()
     return mod
 
 
