@@ -59,15 +59,15 @@ def delta(with_adapter, base) -> list[float]:
     return [a - b for a, b in zip(_flat(with_adapter), _flat(base))]
 
 
-def rel_error(x: list[float], ref: list[float]) -> float | None:
-    norm = math.sqrt(sum(r * r for r in ref))
-    if norm == 0:
-        return None
-    return math.sqrt(sum((a - b) ** 2 for a, b in zip(x, ref))) / norm
-
-
 def _norm(values) -> float:
     return math.sqrt(sum(v * v for v in values))
+
+
+def rel_error(x: list[float], ref: list[float]) -> float | None:
+    norm = _norm(ref)
+    if norm == 0:
+        return None
+    return _norm([a - b for a, b in zip(x, ref)]) / norm
 
 
 def perplexity(scores) -> float:
