@@ -612,3 +612,24 @@ def test_hf_static_cache_mode_decodes_the_same_tokens(pipe):
         tokens[mode] = timing.output_token_ids
         eng.close()
     assert tokens["static-compile"] == tokens["generate"]
+
+
+def test_bench_hf_decode_profile_attributes_steps(pipe, result_validator):
+    """profile_decode on the HF engine: every forward call becomes a vLLM-style step annotation,
+    so the trace summary knows 1 prefill and tokens-1 decode steps (CPU: no kernels)."""
+    out = str(pipe.root / "scratch" / "bench-profiled.json")
+    pipe.quant("tiny-llama", "hf")
+    pipe.adapter("tiny-llama", "r16-qv")
+    res = bench.main("tiny-llama", "hf", {**ENGINES["hf"], "profile_decode": {"tokens": 6}},
+                     "r16-qv", pipe.path("models", "tiny-llama.json"),
+                     pipe.path("quantize", "tiny-llama", "hf.json"),
+                     pipe.path("adapters", "tiny-llama", "r16-qv.json"), None,
+                     {**BENCH, "batch_sizes": [1]}, "cpu", out)
+    result_validator.validate(_read(out))
+    assert res["status"] == "ok", res["reason"]
+    prof = res["metrics"]["decode_profile"]
+    assert prof["adapter"] == "r16-qv-0"
+    assert prof["by_step_kind"]["prefill"]["count"] == 1
+    assert prof["by_step_kind"]["decode"]["count"] == 5
+    assert prof["tpot_s_median"] > 0
+    assert not list(Path(out).parent.glob("*.pt.trace.json"))

@@ -49,8 +49,15 @@ def decode_profile(eng, prompts, profile: dict, adapter_name: str | None, out_di
     profiler slows that call, so its timings never enter the results above)."""
     prof = eng.profile_decode(prompts[:1], profile.get("tokens", 64), [adapter_name],
                               out_dir=out_dir)
-    return {k: prof.get(k) for k in ("by_step_kind", "by_class", "kernels", "total_gpu_us",
-                                     "decode_step_us", "tpot_s_median")}
+    out = {k: prof.get(k) for k in ("by_step_kind", "by_class", "kernels", "total_gpu_us",
+                                    "gpu_span_us", "decode_step_us", "tpot_s_median",
+                                    "unattributed_us")}
+    out["adapter"] = adapter_name
+    decode = (prof.get("by_step_kind") or {}).get("decode") or {}
+    busy, period = decode.get("gpu_us_per_step_median"), decode.get("gpu_period_us_median")
+    # kernel time per decode step over the step period: 1.0 = the GPU never waits for the host
+    out["decode_gpu_busy_fraction"] = busy / period if busy and period else None
+    return out
 
 
 def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_json: str,
@@ -71,7 +78,7 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
             adapter_bytes, rank = meta["bytes"], meta["rank"]
         batches = sorted(engine_cfg.get("batch_sizes") or bench_cfg["batch_sizes"])
         multi = engine_cfg.get("multi_adapter", bench_cfg.get("multi_adapter", []))
-        profile = engine_cfg.get("profile_decode") if engine_cfg["backend"] == "vllm" else None
+        profile = engine_cfg.get("profile_decode")
         profile_dir = tempfile.mkdtemp(prefix="decode-profile-") if profile else None
         try:
             eng = make_engine(engine_cfg["backend"], up["quantize"]["metrics"]["path"],
@@ -122,8 +129,18 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
                                  "weight_storage": storage}
             result["samples"] = samples
             if profile:
-                result["metrics"]["decode_profile"] = decode_profile(
-                    eng, prompts, profile, next(iter(adapter_paths), None), profile_dir)
+                prof = decode_profile(eng, prompts, profile, next(iter(adapter_paths), None),
+                                      profile_dir)
+                # the profiler slows the host; compare kernel time with the unprofiled sweep
+                variant = "lora-adapter" if adapter else "base"
+                sweep = [r for r in runs if r["variant"] == variant and r["batch"] == 1
+                         and r.get("status") == "ok"]
+                kernel_us = ((prof.get("by_step_kind") or {}).get("decode") or {}).get(
+                    "gpu_us_per_step_median")
+                if sweep and kernel_us:
+                    prof["sweep_tpot_s_batch1"] = sweep[0]["tpot_s"]["median"]
+                    prof["kernel_fraction_of_tpot"] = kernel_us * 1e-6 / prof["sweep_tpot_s_batch1"]
+                result["metrics"]["decode_profile"] = prof
         finally:
             eng.close()
             if profile_dir:

@@ -154,6 +154,62 @@ class HfEngine:
                            prompt_tokens=int(ids.numel()), output_tokens=int(new.numel()),
                            output_token_ids=new.tolist())
 
+    def profile_decode(self, prompts: list[list[int]], max_new_tokens: int,
+                       adapters: list[str | None], out_dir: str, *, top: int = 25) -> dict:
+        """Torch-profile one fixed-length generate call; summarise its GPU kernels.
+
+        Every forward call of the causal LM runs under a record_function named like vLLM's
+        per-step annotation (``execute_context_<n>(<tokens>)_generation_0(0)`` for the prompt,
+        ``execute_context_0(0)_generation_<n>(<n>)`` for a decode step), so
+        int4lora.profiling.summarize_trace attributes kernels to decode steps for both engines.
+        The trace is summarised and deleted; the summary is returned.
+        """
+        import torch
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        from ..profiling import summarize_trace
+
+        n = int(max_new_tokens)
+        if n < 2:
+            raise ValueError("max_new_tokens must be >= 2 to profile decode steps")
+        lm = self.model.get_base_model() if self.adapter_names else self.model
+        open_ranges = []
+
+        def before(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            rows, cols = (tuple(ids.shape) if ids is not None else (len(prompts), 1))
+            name = (f"execute_context_{rows}({rows * cols})_generation_0(0)" if cols > 1
+                    else f"execute_context_0(0)_generation_{rows}({rows})")
+            rf = record_function(name)
+            rf.__enter__()
+            open_ranges.append(rf)
+
+        def after(_module, _args, _kwargs, _output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        hooks = [lm.register_forward_pre_hook(before, with_kwargs=True),
+                 lm.register_forward_hook(after, with_kwargs=True)]
+        activities = [ProfilerActivity.CPU]
+        if self.device.startswith("cuda"):
+            activities.append(ProfilerActivity.CUDA)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        trace = out / "hf_decode.pt.trace.json"
+        try:
+            with profile(activities=activities) as prof:
+                timing = self.generate(prompts, n, adapters)
+            prof.export_chrome_trace(str(trace))
+        finally:
+            for h in hooks:
+                h.remove()
+        summary = summarize_trace(str(trace), top=top, steps=n - 1)
+        trace.unlink()
+        summary.update({"decode_steps": n - 1, "max_new_tokens": n, "batch_size": len(prompts),
+                        "adapters": list(adapters), "e2e_s": timing.e2e_s,
+                        "tpot_s_median": timing.tpot_s[0], "ttft_s_median": timing.ttft_s[0],
+                        "torch": torch.__version__})
+        return summary
+
     def greedy(self, prompts, max_new_tokens, adapters) -> list[list[int]]:
         return self.generate(prompts, max_new_tokens, adapters).output_token_ids
 
