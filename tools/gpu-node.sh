@@ -20,7 +20,7 @@ fi
 python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
 timeout --signal=INT --kill-after=60 "${BUDGET_S:-540}" \
   python3 -m snakemake --cores 1 --configfile "config/$preset.yaml" \
-  --rerun-incomplete --keep-going --rerun-triggers mtime "$@"
+  --rerun-triggers mtime --rerun-incomplete --keep-going "$@"
 rc=$?
 echo "snakemake exit code $rc"
 if [ -n "${OUT:-}" ]; then
