@@ -4,7 +4,7 @@ rule aggregate:
     output:
         expand(f"{RESULTS}/tables/{{table}}.csv",
                table=["bench", "overhead", "memory", "validation", "coverage", "quality",
-                      "status"]),
+                      "decode_profile", "status"]),
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         missing=missing_results(),
