@@ -595,3 +595,49 @@ def test_decode_profile_row_without_kernels_has_no_shares():
     assert all(row[f"share_{c}"] is None for c in ("w4a16_gemm", "lora", "other", "memcpy"))
     assert row["sweep_tpot_ms_batch1"] == pytest.approx(10.0)
 
+
+def _report(tables, tmp_path):
+    import report
+    figures = tmp_path / "figures"
+    figures.mkdir(exist_ok=True)
+    return report.build_markdown(tables, figures, "pytest", "", [], {}, {})
+
+
+def test_report_renders_decode_section(decode_tables, tmp_path):
+    _, tables = decode_tables
+    text = _report(tables, tmp_path)
+    assert "## Where batch-1 decode time goes" in text
+    # after the latency and overhead sections, before memory
+    assert text.index("## LoRA overhead") < text.index("## Where batch-1") < text.index(
+        "## Memory")
+    section = text.split("## Where batch-1 decode time goes")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| a |")]
+    assert len(rows) == 2
+    vllm = next(r for r in rows if "| vllm |" in r)
+    cells = [c.strip() for c in vllm.strip("|").split("|")]
+    header = [c.strip() for c in section.splitlines()[
+        next(i for i, line in enumerate(section.splitlines()) if line.startswith("| model"))
+    ].strip("|").split("|")]
+    got = dict(zip(header, cells))
+    assert got["request"] == "r16-qv-0" and got["attribution"] == "per-step"
+    assert got["kernel µs/step"] == "1,500.0" and got["step period µs"] == "2,000.0"
+    assert got["TPOT ms (b=1)"] == "3.00"
+    assert got["kernel/TPOT"] == "50.0%" and got["host gap"] == "50.0%"
+    assert got["w4a16_gemm"] == "60.0%" and got["lora"] == "20.0%"
+    assert "moe" not in got and "memset" not in got  # classes with no time are left out
+    assert got["top kernel"].startswith("`void machete::") and got["top share"] == "60.0%"
+    whole = dict(zip(header, [c.strip() for c in next(
+        r for r in rows if "| hf |" in r).strip("|").split("|")]))
+    assert whole["attribution"] == "whole trace" and whole["step period µs"] == "–"
+    assert whole["host gap"] == "75.0%"
+
+
+def test_report_omits_decode_section_without_rows(tmp_path):
+    import aggregate
+    path = tmp_path / "bench" / "b.json"
+    resultio.write_json_atomic(path, _bench_result("b", "hf", "none", 0.001))
+    frames = aggregate.main([str(path)], str(tmp_path / "tables"))
+    assert frames["decode_profile"].empty and len(frames["bench"]) == 1
+    text = _report(tmp_path / "tables", tmp_path)
+    assert "## Latency and throughput" in text
+    assert "Where batch-1 decode time goes" not in text and "host gap" not in text
