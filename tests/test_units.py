@@ -630,6 +630,26 @@ def test_report_renders_decode_section(decode_tables, tmp_path):
         r for r in rows if "| hf |" in r).strip("|").split("|")]))
     assert whole["attribution"] == "whole trace" and whole["step period µs"] == "–"
     assert whole["host gap"] == "75.0%"
+    assert "](../figures/decode_time.png)" in section
+
+
+def test_decode_time_figure(decode_tables, tmp_path):
+    import plots
+    _, tables = decode_tables
+    profile = plots._read(tables, "decode_profile")
+    seg = plots.decode_segments(profile)
+    vllm = seg.loc["a vllm r16-qv-0"]
+    assert vllm["w4a16_gemm"] == pytest.approx(900.0) and vllm["lora"] == pytest.approx(300.0)
+    assert vllm["host gap"] == pytest.approx(1500.0)  # 3 ms TPOT - 1.5 ms of kernels
+    assert vllm.sum() == pytest.approx(3000.0)
+    whole = seg.loc["a hf base (whole trace)"]
+    assert whole["gemm_other"] == pytest.approx(187.5) and whole["host gap"] == pytest.approx(750)
+    assert "moe" not in seg.columns and list(seg.columns)[-1] == "host gap"
+    assert plots.decode_segments(profile.iloc[:0]).empty
+    for name, rows in (("rows", profile), ("empty", profile.iloc[:0])):
+        out = tmp_path / f"{name}.png"
+        plots.decode_time(rows, out)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_omits_decode_section_without_rows(tmp_path):
@@ -641,3 +661,4 @@ def test_report_omits_decode_section_without_rows(tmp_path):
     text = _report(tmp_path / "tables", tmp_path)
     assert "## Latency and throughput" in text
     assert "Where batch-1 decode time goes" not in text and "host gap" not in text
+    assert "decode_time.png" not in text

@@ -25,7 +25,7 @@ rule plots:
         report(
             expand(f"{RESULTS}/figures/{{figure}}.png",
                    figure=["decode_throughput", "lora_overhead", "memory_breakdown", "ttft",
-                           "weight_coverage"]),
+                           "weight_coverage", "decode_time"]),
             caption="../report/figures.rst",
             category="Figures",
         ),

@@ -21,7 +21,14 @@ CAPTIONS = {
                         "rest (activations, workspace).",
     "ttft": "Time to first token (prefill) vs batch.",
     "weight_coverage": "Share of weight elements stored in 4-bit, by module family.",
+    "decode_time": "Batch-1 decode step: GPU kernel time per class (profiled call), then the "
+                   "host gap up to the unprofiled TPOT.",
 }
+SECTION_FIGURES = ("decode_time",)  # shown in their own section, only when it has rows
+
+
+def _figure(name: str) -> str:
+    return f"![{name}](../figures/{name}.png)\n\n_{CAPTIONS[name]}_\n"
 
 
 def _read(tables: Path, name: str) -> pd.DataFrame:
@@ -162,7 +169,7 @@ def decode_section(profile: pd.DataFrame) -> list[str]:
     if profile.empty:
         return []
     return ["## Where batch-1 decode time goes\n", DECODE_LEAD,
-            md_table(decode_profile_view(profile))]
+            md_table(decode_profile_view(profile)), _figure("decode_time")]
 
 
 def build_markdown(tables: Path, figures: Path, preset: str, description: str,
@@ -199,8 +206,7 @@ def build_markdown(tables: Path, figures: Path, preset: str, description: str,
              "## Quantization coverage\n", md_table(_read(tables, "coverage")),
              "## Agreement and quality\n", md_table(_read(tables, "quality")),
              "## Figures\n"]
-    for name in FIGURES:
-        parts.append(f"![{name}](../figures/{name}.png)\n\n_{CAPTIONS[name]}_\n")
+    parts += [_figure(name) for name in FIGURES if name not in SECTION_FIGURES]
     parts += ["## Environment\n", environment(status)]
     return "\n".join(parts)
 
