@@ -588,7 +588,10 @@ def test_report_markdown(reported):
     missing = text.split("## Configurations that did not run")[1].split("\n## ")[0]
     assert "vllm" in missing and "unsupported" in missing
     for name in plots.FIGURES:
-        assert f"](../figures/{name}.png)" in text
+        if name not in report.SECTION_FIGURES:
+            assert f"](../figures/{name}.png)" in text
+    # no configuration here profiles its decode: no decode section, no decode figure
+    assert "Where batch-1 decode time goes" not in text and "decode_time.png" not in text
 
 
 def test_report_html_is_self_contained(reported):
@@ -633,3 +636,8 @@ def test_bench_hf_decode_profile_attributes_steps(pipe, result_validator):
     assert prof["by_step_kind"]["decode"]["count"] == 5
     assert prof["tpot_s_median"] > 0
     assert not list(Path(out).parent.glob("*.pt.trace.json"))
+    # the decode_profile table's row: decode steps but no kernels on the CPU
+    (row,) = aggregate.decode_profile_rows(res)
+    assert row["profiled_request"] == "r16-qv-0" and row["attribution"] == "per-step"
+    assert row["decode_steps"] == 5 and row["sweep_tpot_ms_batch1"] > 0
+    assert row["kernel_us_per_step"] is None and row["host_gap_fraction"] is None

@@ -458,3 +458,207 @@ def test_rename_experts_for_vllm(tmp_path):
     assert set(index["weight_map"]) == keys
     # idempotent: a second pass finds nothing to rename
     assert quantize.rename_experts_for_vllm(tmp_path) == 0
+
+
+# --------------------------------------------------------------------------- decode profile table
+
+def _stats(median):
+    return {"median": median, "p90": median, "p99": median, "std": 0.0, "n": 3}
+
+
+def _bench_result(model, engine, adapter, tpot_s, decode_profile=None):
+    """A bench result as bench.py writes it, batch 1 only; decode_profile as given."""
+    variant = "lora-adapter" if adapter != "none" else "base"
+    runs = [{"variant": v, "batch": 1, "status": "ok", "prompt_tokens": 16, "output_tokens": 8,
+             "ttft_s": _stats(0.01), "tpot_s": _stats(t), "e2e_s": _stats(0.1),
+             "output_tok_s": _stats(80.0), "prefill_tok_s": _stats(1600.0)}
+            for v, t in ([("lora-base", tpot_s / 2)] if adapter != "none" else [])
+            + [(variant, tpot_s)]]
+    res = resultio.new_result("bench", model, engine, adapter,
+                              params={"mode": "lora" if adapter != "none" else "baseline"})
+    res["metrics"] = {"runs": runs, "overhead": [], "outputs": {}, "engine_info": {},
+                      "memory": {"peak_rss_bytes": 1 << 20}, "adapter_bytes": 0,
+                      "weight_storage": None,
+                      "architecture": {"num_hidden_layers": 2, "num_attention_heads": 4,
+                                       "hidden_size": 128}}
+    if decode_profile is not None:
+        res["metrics"]["decode_profile"] = decode_profile
+    res["samples"] = [{"variant": r["variant"], "batch": 1, "iteration": 0, "e2e_s": 0.1,
+                       "ttft_s": 0.01, "tpot_s": 0.01, "prompt_tokens": 16, "output_tokens": 8}
+                      for r in runs]
+    res["env"] = {"device": "cuda"}
+    return res
+
+
+def pd_isna(v):
+    pd = pytest.importorskip("pandas")
+    return pd.isna(v)
+
+
+def _classes(**us):
+    from int4lora.profiling import CLASS_NAMES
+    total = sum(us.values())
+    return {c: {"total_us": us.get(c, 0.0), "calls": 1 if us.get(c) else 0,
+                "share": us.get(c, 0.0) / total if total else 0.0} for c in CLASS_NAMES}
+
+
+PER_STEP_PROFILE = {  # vLLM: decode steps annotated; bench.py added the sweep comparison
+    "adapter": "r16-qv-0",
+    "by_step_kind": {
+        "prefill": {"count": 1, "gpu_us_per_step_median": 900.0, "gpu_period_us_median": None,
+                    "by_class": _classes(w4a16_gemm=900.0), "kernels": []},
+        "decode": {"count": 63, "gpu_us_per_step_median": 1500.0,
+                   "gpu_period_us_median": 2000.0, "gpu_span_us_per_step_median": 1800.0,
+                   "by_class": _classes(w4a16_gemm=60.0, lora=20.0, attention=15.0,
+                                        memcpy=5.0),
+                   "kernels": [{"name": "void machete::MacheteKernelTemplate<128>(Params)",
+                                "class": "w4a16_gemm", "total_us": 60.0, "calls": 63,
+                                "mean_us": 0.95, "share": 0.6}]}},
+    # whole trace deliberately different, so a row using it would show it
+    "by_class": _classes(w4a16_gemm=50.0, other=50.0),
+    "kernels": [{"name": "whole_trace_top", "class": "other", "total_us": 50.0, "calls": 1,
+                 "mean_us": 50.0, "share": 0.5}],
+    "total_gpu_us": 1e5, "gpu_span_us": 2e5, "decode_step_us": 1587.3, "tpot_s_median": 0.004,
+    "unattributed_us": 10.0, "decode_gpu_busy_fraction": 0.75,
+    "sweep_tpot_s_batch1": 0.003, "kernel_fraction_of_tpot": 0.5,
+}
+WHOLE_TRACE_PROFILE = {  # no step annotations: bench.py stores no sweep comparison
+    "adapter": None, "by_step_kind": {},
+    "by_class": _classes(gemm_other=30.0, norm_act=10.0),
+    "kernels": [{"name": "nvjet_hsh_128x64", "class": "gemm_other", "total_us": 30.0,
+                 "calls": 7, "mean_us": 4.3, "share": 0.75}],
+    "total_gpu_us": 8000.0, "gpu_span_us": 9000.0, "decode_step_us": 250.0,
+    "tpot_s_median": 0.002, "unattributed_us": None, "decode_gpu_busy_fraction": None,
+}
+
+
+@pytest.fixture
+def decode_tables(tmp_path):
+    import aggregate
+    results = {"a/vllm/r16-qv": _bench_result("a", "vllm", "r16-qv", 0.003, PER_STEP_PROFILE),
+               "a/hf/baseline": _bench_result("a", "hf", "none", 0.001, WHOLE_TRACE_PROFILE),
+               "b/hf/baseline": _bench_result("b", "hf", "none", 0.001)}
+    inputs = []
+    for name, res in results.items():
+        path = tmp_path / "bench" / f"{name}.json"
+        resultio.write_json_atomic(path, res)
+        inputs.append(str(path))
+    return aggregate.main(inputs, str(tmp_path / "tables")), tmp_path / "tables"
+
+
+def test_decode_profile_table_rows(decode_tables):
+    frames, tables = decode_tables
+    df = frames["decode_profile"]
+    assert (tables / "decode_profile.csv").exists()
+    assert len(df) == 2 and set(df["model"]) == {"a"}  # b has no decode_profile
+    per_step = df[df["engine"] == "vllm"].iloc[0]
+    assert per_step["adapter"] == "r16-qv" and per_step["profiled_request"] == "r16-qv-0"
+    assert per_step["attribution"] == "per-step" and per_step["decode_steps"] == 63
+    assert per_step["kernel_us_per_step"] == 1500.0 and per_step["step_period_us"] == 2000.0
+    assert per_step["sweep_tpot_ms_batch1"] == pytest.approx(3.0)
+    assert per_step["kernel_fraction_of_tpot"] == 0.5
+    assert per_step["host_gap_fraction"] == pytest.approx(0.5)
+    # shares of the decode steps' kernel time, not of the whole trace
+    assert per_step["share_w4a16_gemm"] == pytest.approx(0.6)
+    assert per_step["share_lora"] == pytest.approx(0.2)
+    assert per_step["share_attention"] == pytest.approx(0.15)
+    assert per_step["share_memcpy"] == pytest.approx(0.05)
+    assert per_step["share_other"] == 0.0 and per_step["share_moe"] == 0.0
+    assert per_step["top_kernel"].startswith("void machete::")
+    assert per_step["top_kernel_share"] == pytest.approx(0.6)
+
+    whole = df[df["engine"] == "hf"].iloc[0]
+    assert whole["adapter"] == "none" and whole["profiled_request"] == "base"
+    assert whole["attribution"] == "whole trace"
+    assert whole["kernel_us_per_step"] == 250.0 and pd_isna(whole["step_period_us"])
+    # TPOT from the result's own batch-1 base run: 250 µs of 1 ms
+    assert whole["sweep_tpot_ms_batch1"] == pytest.approx(1.0)
+    assert whole["kernel_fraction_of_tpot"] == pytest.approx(0.25)
+    assert whole["host_gap_fraction"] == pytest.approx(0.75)
+    assert whole["share_gemm_other"] == pytest.approx(0.75)
+    assert whole["share_norm_act"] == pytest.approx(0.25)
+    assert whole["top_kernel"] == "nvjet_hsh_128x64"
+
+
+def test_decode_profile_row_without_kernels_has_no_shares():
+    """On the CPU the HF profile has decode steps but no kernels: no shares, no fraction."""
+    import aggregate
+    prof = {"adapter": None, "by_class": _classes(), "kernels": [], "total_gpu_us": 0.0,
+            "decode_step_us": 0.0,
+            "by_step_kind": {"decode": {"count": 5, "gpu_us_per_step_median": None,
+                                        "gpu_period_us_median": None, "by_class": _classes(),
+                                        "kernels": []}}}
+    (row,) = aggregate.decode_profile_rows(_bench_result("m", "hf", "none", 0.01, prof))
+    assert row["attribution"] == "per-step" and row["decode_steps"] == 5
+    assert row["kernel_us_per_step"] is None and row["kernel_fraction_of_tpot"] is None
+    assert row["host_gap_fraction"] is None and row["top_kernel"] is None
+    assert all(row[f"share_{c}"] is None for c in ("w4a16_gemm", "lora", "other", "memcpy"))
+    assert row["sweep_tpot_ms_batch1"] == pytest.approx(10.0)
+
+
+def _report(tables, tmp_path):
+    import report
+    figures = tmp_path / "figures"
+    figures.mkdir(exist_ok=True)
+    return report.build_markdown(tables, figures, "pytest", "", [], {}, {})
+
+
+def test_report_renders_decode_section(decode_tables, tmp_path):
+    _, tables = decode_tables
+    text = _report(tables, tmp_path)
+    assert "## Where batch-1 decode time goes" in text
+    # after the latency and overhead sections, before memory
+    assert text.index("## LoRA overhead") < text.index("## Where batch-1") < text.index(
+        "## Memory")
+    section = text.split("## Where batch-1 decode time goes")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| a |")]
+    assert len(rows) == 2
+    vllm = next(r for r in rows if "| vllm |" in r)
+    cells = [c.strip() for c in vllm.strip("|").split("|")]
+    header = [c.strip() for c in section.splitlines()[
+        next(i for i, line in enumerate(section.splitlines()) if line.startswith("| model"))
+    ].strip("|").split("|")]
+    got = dict(zip(header, cells))
+    assert got["request"] == "r16-qv-0" and got["attribution"] == "per-step"
+    assert got["kernel µs/step"] == "1,500.0" and got["step period µs"] == "2,000.0"
+    assert got["TPOT ms (b=1)"] == "3.00"
+    assert got["kernel/TPOT"] == "50.0%" and got["host gap"] == "50.0%"
+    assert got["w4a16_gemm"] == "60.0%" and got["lora"] == "20.0%"
+    assert "moe" not in got and "memset" not in got  # classes with no time are left out
+    assert got["top kernel"].startswith("`void machete::") and got["top share"] == "60.0%"
+    whole = dict(zip(header, [c.strip() for c in next(
+        r for r in rows if "| hf |" in r).strip("|").split("|")]))
+    assert whole["attribution"] == "whole trace" and whole["step period µs"] == "–"
+    assert whole["host gap"] == "75.0%"
+    assert "](../figures/decode_time.png)" in section
+
+
+def test_decode_time_figure(decode_tables, tmp_path):
+    import plots
+    _, tables = decode_tables
+    profile = plots._read(tables, "decode_profile")
+    seg = plots.decode_segments(profile)
+    vllm = seg.loc["a vllm r16-qv-0"]
+    assert vllm["w4a16_gemm"] == pytest.approx(900.0) and vllm["lora"] == pytest.approx(300.0)
+    assert vllm["host gap"] == pytest.approx(1500.0)  # 3 ms TPOT - 1.5 ms of kernels
+    assert vllm.sum() == pytest.approx(3000.0)
+    whole = seg.loc["a hf base (whole trace)"]
+    assert whole["gemm_other"] == pytest.approx(187.5) and whole["host gap"] == pytest.approx(750)
+    assert "moe" not in seg.columns and list(seg.columns)[-1] == "host gap"
+    assert plots.decode_segments(profile.iloc[:0]).empty
+    for name, rows in (("rows", profile), ("empty", profile.iloc[:0])):
+        out = tmp_path / f"{name}.png"
+        plots.decode_time(rows, out)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_omits_decode_section_without_rows(tmp_path):
+    import aggregate
+    path = tmp_path / "bench" / "b.json"
+    resultio.write_json_atomic(path, _bench_result("b", "hf", "none", 0.001))
+    frames = aggregate.main([str(path)], str(tmp_path / "tables"))
+    assert frames["decode_profile"].empty and len(frames["bench"]) == 1
+    text = _report(tmp_path / "tables", tmp_path)
+    assert "## Latency and throughput" in text
+    assert "Where batch-1 decode time goes" not in text and "host gap" not in text
+    assert "decode_time.png" not in text

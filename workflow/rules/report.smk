@@ -4,7 +4,7 @@ rule aggregate:
     output:
         expand(f"{RESULTS}/tables/{{table}}.csv",
                table=["bench", "overhead", "memory", "validation", "coverage", "quality",
-                      "status"]),
+                      "decode_profile", "status"]),
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         missing=missing_results(),
@@ -25,7 +25,7 @@ rule plots:
         report(
             expand(f"{RESULTS}/figures/{{figure}}.png",
                    figure=["decode_throughput", "lora_overhead", "memory_breakdown", "ttft",
-                           "weight_coverage"]),
+                           "weight_coverage", "decode_time"]),
             caption="../report/figures.rst",
             category="Figures",
         ),

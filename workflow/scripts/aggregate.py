@@ -5,13 +5,15 @@ from pathlib import Path
 import pandas as pd
 
 from int4lora.memory import attribute, kv_cache_bytes
+from int4lora.profiling import CLASS_NAMES
 from int4lora.resultio import read_json
 
 STAT_KEYS = ("median", "p90", "p99", "std", "n")
 ENV_KEYS = ("device", "gpu", "driver", "cuda", "cpu", "torch", "transformers", "vllm",
             "bitsandbytes", "peft", "llmcompressor", "compressed-tensors", "git_commit",
             "hostname", "config_hash", "started")
-TABLES = ("bench", "overhead", "memory", "validation", "coverage", "quality", "status")
+TABLES = ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
+          "status")
 
 
 def _flat(prefix: str, stats: dict) -> dict:
@@ -86,6 +88,47 @@ def bench_memory_rows(res: dict) -> list[dict]:
     return [row]
 
 
+def decode_profile_rows(res: dict) -> list[dict]:
+    """Where batch-1 decode time goes (bench.py decode_profile): kernel time per decode step,
+    its split by kernel class, and how much of the unprofiled TPOT it explains; the rest is the
+    GPU waiting for the host. Without vLLM-style step annotations the whole trace (prefill
+    included) over the number of decode steps stands in, marked by `attribution`."""
+    prof = res["metrics"].get("decode_profile")
+    if not prof:
+        return []
+    decode = (prof.get("by_step_kind") or {}).get("decode")
+    if decode:
+        attribution, kernel_us = "per-step", decode.get("gpu_us_per_step_median")
+        by_class, kernels = decode.get("by_class") or {}, decode.get("kernels") or []
+    else:
+        attribution, kernel_us = "whole trace", prof.get("decode_step_us")
+        by_class, kernels = prof.get("by_class") or {}, prof.get("kernels") or []
+    tpot = prof.get("sweep_tpot_s_batch1")
+    if tpot is None:  # bench.py stores it only with per-step kernel time: same variant, batch 1
+        variant = "lora-adapter" if res["adapter"] != "none" else "base"
+        tpot = next((r["tpot_s"]["median"] for r in res["metrics"].get("runs", [])
+                     if r["variant"] == variant and r["batch"] == 1
+                     and r.get("status", "ok") == "ok"), None)
+    fraction = prof.get("kernel_fraction_of_tpot")
+    if fraction is None and kernel_us and tpot:
+        fraction = kernel_us * 1e-6 / tpot
+    class_us = sum((by_class.get(c) or {}).get("total_us") or 0.0 for c in CLASS_NAMES)
+    row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           "profiled_request": prof.get("adapter") or "base", "attribution": attribution,
+           "decode_steps": decode.get("count") if decode else None,
+           "kernel_us_per_step": kernel_us,
+           "step_period_us": decode.get("gpu_period_us_median") if decode else None,
+           "sweep_tpot_ms_batch1": tpot * 1e3 if tpot is not None else None,
+           "kernel_fraction_of_tpot": fraction,
+           "host_gap_fraction": 1 - fraction if fraction is not None else None}
+    for c in CLASS_NAMES:  # shares of decode kernel time; none when there was no kernel
+        row[f"share_{c}"] = ((by_class.get(c) or {}).get("total_us") or 0.0) / class_us \
+            if class_us > 0 else None
+    top = kernels[0] if kernels and class_us > 0 else {}
+    row["top_kernel"], row["top_kernel_share"] = top.get("name"), top.get("share")
+    return [row]
+
+
 def memory_rows(res: dict) -> list[dict]:
     m = res["metrics"]
     row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
@@ -157,6 +200,7 @@ def main(inputs: list[str], outdir: str, missing: list[str] | None = None
         if res["kind"] == "bench":
             tables["bench"] += bench_rows(res)
             tables["overhead"] += overhead_rows(res)
+            tables["decode_profile"] += decode_profile_rows(res)
             bench_memory.append(bench_memory_rows(res))
         elif res["kind"] == "memory":
             tables["memory"] += memory_rows(res)

@@ -8,7 +8,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-FIGURES = ("decode_throughput", "lora_overhead", "memory_breakdown", "ttft", "weight_coverage")
+from int4lora.profiling import CLASS_NAMES  # noqa: E402
+
+FIGURES = ("decode_throughput", "lora_overhead", "memory_breakdown", "ttft", "weight_coverage",
+           "decode_time")
 
 
 def _read(tables: str, name: str) -> pd.DataFrame:
@@ -120,6 +123,50 @@ def weight_coverage(coverage: pd.DataFrame, out: Path):
     plt.close(fig)
 
 
+def decode_segments(profile: pd.DataFrame) -> pd.DataFrame:
+    """µs per batch-1 decode step: one column per kernel class with time in some row, then
+    `host gap` (unprofiled TPOT − kernel time, at least 0); one row per profiled request."""
+    rows = profile.dropna(subset=["kernel_us_per_step"]) if not profile.empty else profile
+    if rows.empty:
+        return pd.DataFrame()
+    index = [f"{r.model} {r.engine} {r.profiled_request}"
+             + (" (whole trace)" if r.attribution != "per-step" else "")
+             for r in rows.itertuples()]
+    seg = pd.DataFrame(index=index)
+    for col in [c for c in rows.columns if c.startswith("share_")]:
+        us = (rows[col].fillna(0) * rows["kernel_us_per_step"]).to_numpy()
+        if (us > 0).any():
+            seg[col.removeprefix("share_")] = us
+    gap = rows["sweep_tpot_ms_batch1"] * 1e3 - rows["kernel_us_per_step"]
+    seg["host gap"] = gap.clip(lower=0).fillna(0).to_numpy()
+    return seg
+
+
+def decode_time(profile: pd.DataFrame, out: Path):
+    """Batch-1 decode step: kernel µs per class, then the host gap up to the unprofiled TPOT."""
+    seg = decode_segments(profile)
+    fig, ax = plt.subplots(figsize=(9, max(2.8, 1.2 + 0.45 * len(seg))))
+    if seg.empty:
+        _empty(ax, "no decode profile rows")
+    else:
+        left = pd.Series(0.0, index=seg.index)
+        for col in seg.columns:
+            # one colour per class whichever classes a run has
+            style = {"color": "lightgrey", "hatch": "//", "edgecolor": "grey"} \
+                if col == "host gap" else {"color": f"C{CLASS_NAMES.index(col) % 10}"}
+            ax.barh(seg.index, seg[col], left=left,
+                    label="host gap (TPOT − kernels)" if col == "host gap" else col, **style)
+            left += seg[col]
+        ax.invert_yaxis()
+        ax.set_xlabel("µs per decode step (batch 1)")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.tick_params(axis="y", labelsize=7)
+    ax.set_title("Where batch-1 decode time goes")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(tables: str, outdir: str) -> list[str]:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +178,7 @@ def main(tables: str, outdir: str) -> list[str]:
     lora_overhead(_read(tables, "overhead"), out / "lora_overhead.png")
     memory_breakdown(_read(tables, "memory"), out / "memory_breakdown.png")
     weight_coverage(_read(tables, "coverage"), out / "weight_coverage.png")
+    decode_time(_read(tables, "decode_profile"), out / "decode_time.png")
     return [str(out / f"{name}.png") for name in FIGURES]
 
 

@@ -21,7 +21,14 @@ CAPTIONS = {
                         "rest (activations, workspace).",
     "ttft": "Time to first token (prefill) vs batch.",
     "weight_coverage": "Share of weight elements stored in 4-bit, by module family.",
+    "decode_time": "Batch-1 decode step: GPU kernel time per class (profiled call), then the "
+                   "host gap up to the unprofiled TPOT.",
 }
+SECTION_FIGURES = ("decode_time",)  # shown in their own section, only when it has rows
+
+
+def _figure(name: str) -> str:
+    return f"![{name}](../figures/{name}.png)\n\n_{CAPTIONS[name]}_\n"
 
 
 def _read(tables: Path, name: str) -> pd.DataFrame:
@@ -109,6 +116,46 @@ def compare_sources(overhead: pd.DataFrame, sources: list[dict], models: dict,
     return pd.DataFrame(rows)
 
 
+DECODE_LEAD = (
+    "One batch-1 generate per configuration, torch-profiled after the timed sweep: "
+    "`kernel µs/step` is the GPU kernel time of one decode step, split by kernel class in the "
+    "class columns. `kernel/TPOT` divides it by the unprofiled batch-1 TPOT of the same "
+    "variant; the rest, `host gap`, is time the GPU waits for the host (kernel launch, Python, "
+    "scheduling). `whole trace` rows had no decode-step annotations: their kernel time is the "
+    "whole capture, prefill included, over the number of decode steps.\n\n")
+
+
+def _pct(v) -> str:
+    return "–" if v is None or pd.isna(v) else f"{v * 100:.1f}%"
+
+
+def _num(v, digits: int) -> str:
+    return "–" if v is None or pd.isna(v) else f"{v:,.{digits}f}"
+
+
+def decode_profile_view(profile: pd.DataFrame) -> pd.DataFrame:
+    """The decode_profile table for reading: percentages, µs to 0.1, ms to 0.01; only the
+    kernel classes that hold time in some row."""
+    shares = [c for c in profile.columns if c.startswith("share_")
+              and profile[c].fillna(0).gt(0).any()]
+    rows = []
+    for r in profile.to_dict("records"):
+        name = r.get("top_kernel")
+        name = "–" if name is None or pd.isna(name) else \
+            "`" + (name if len(name) <= 60 else name[:59] + "…").replace("`", "'") + "`"
+        rows.append({
+            "model": r["model"], "engine": r["engine"], "adapter": r["adapter"],
+            "request": r["profiled_request"], "attribution": r["attribution"],
+            "kernel µs/step": _num(r.get("kernel_us_per_step"), 1),
+            "step period µs": _num(r.get("step_period_us"), 1),
+            "TPOT ms (b=1)": _num(r.get("sweep_tpot_ms_batch1"), 2),
+            "kernel/TPOT": _pct(r.get("kernel_fraction_of_tpot")),
+            "host gap": _pct(r.get("host_gap_fraction")),
+            **{c.removeprefix("share_"): _pct(r.get(c)) for c in shares},
+            "top kernel": name, "top share": _pct(r.get("top_kernel_share"))})
+    return pd.DataFrame(rows)
+
+
 def environment(status: pd.DataFrame) -> str:
     if status.empty:
         return "_no results_\n"
@@ -116,6 +163,13 @@ def environment(status: pd.DataFrame) -> str:
     uniq = status[env_cols].drop_duplicates(subset=[c for c in env_cols if c != "env_started"])
     return md_table(uniq.rename(columns=lambda c: c.removeprefix("env_")).drop(
         columns=["started"], errors="ignore"))
+
+
+def decode_section(profile: pd.DataFrame) -> list[str]:
+    if profile.empty:
+        return []
+    return ["## Where batch-1 decode time goes\n", DECODE_LEAD,
+            md_table(decode_profile_view(profile)), _figure("decode_time")]
 
 
 def build_markdown(tables: Path, figures: Path, preset: str, description: str,
@@ -147,12 +201,12 @@ def build_markdown(tables: Path, figures: Path, preset: str, description: str,
              md_table(overhead, ["model", "engine", "adapter", "variant", "against", "batch",
                                  "tpot_ratio_median", "tpot_ratio_p90", "tpot_ratio_std",
                                  "tpot_ratio_n", "e2e_ratio_median", "ttft_ratio_median"]),
+             *decode_section(_read(tables, "decode_profile")),
              "## Memory\n", md_table(_read(tables, "memory")),
              "## Quantization coverage\n", md_table(_read(tables, "coverage")),
              "## Agreement and quality\n", md_table(_read(tables, "quality")),
              "## Figures\n"]
-    for name in FIGURES:
-        parts.append(f"![{name}](../figures/{name}.png)\n\n_{CAPTIONS[name]}_\n")
+    parts += [_figure(name) for name in FIGURES if name not in SECTION_FIGURES]
     parts += ["## Environment\n", environment(status)]
     return "\n".join(parts)
 
