@@ -15,6 +15,8 @@ export VLLM_USE_FLASHINFER_SAMPLER=0
 # results of an earlier lease travel as a tarball (mtimes kept, so nothing reruns)
 if [ -f .gpu-results/results.tar.gz ] && [ ! -d results ]; then
   tar xzf .gpu-results/results.tar.gz
+  # their weights were in that machine's cache: rebuild what points into a missing cache
+  python3 tools/drop-stale-cache-results.py
 fi
 # a run interrupted by the budget leaves Snakemake's lock behind
 python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
