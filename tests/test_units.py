@@ -662,3 +662,30 @@ def test_report_omits_decode_section_without_rows(tmp_path):
     assert "## Latency and throughput" in text
     assert "Where batch-1 decode time goes" not in text and "host gap" not in text
     assert "decode_time.png" not in text
+
+
+def test_drop_stale_cache_results(tmp_path):
+    """Results restored from another GPU lease: a model result whose weight cache is gone is
+    removed (so Snakemake rebuilds it), one whose cache exists stays, and so do ok results."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    live = tmp_path / "cache" / "live"
+    live.mkdir(parents=True)
+    files = {
+        "results/models/gone.json": {"status": "ok", "metrics": {"path": str(tmp_path / "nope")}},
+        "results/models/live.json": {"status": "ok", "metrics": {"path": str(live)}},
+        "results/adapters/m/a.json": {"status": "ok", "metrics": {
+            "path": str(live), "paths": [str(live), str(tmp_path / "gone-copy")]}},
+        "results/bench/m/e/baseline.json": {"status": "error", "reason":
+                                            "OSError: /tmp/int4-lora-bench-cache/models/x"},
+        "results/bench/m/e/r16.json": {"status": "ok", "metrics": {}},
+    }
+    for rel, body in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(body))
+    subprocess.run([sys.executable, str(root / "tools" / "drop-stale-cache-results.py")],
+                   cwd=tmp_path, check=True, capture_output=True)
+    left = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json")}
+    assert left == {"results/models/live.json", "results/bench/m/e/r16.json"}
