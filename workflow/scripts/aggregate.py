@@ -104,7 +104,7 @@ def decode_profile_rows(res: dict) -> list[dict]:
         attribution, kernel_us = "whole trace", prof.get("decode_step_us")
         by_class, kernels = prof.get("by_class") or {}, prof.get("kernels") or []
     tpot = prof.get("sweep_tpot_s_batch1")
-    if tpot is None:  # bench.py stores it only with per-step kernel time: same variant, batch 1
+    if tpot is None:  # stored by earlier bench.py versions; else the same variant at batch 1
         variant = "lora-adapter" if res["adapter"] != "none" else "base"
         tpot = next((r["tpot_s"]["median"] for r in res["metrics"].get("runs", [])
                      if r["variant"] == variant and r["batch"] == 1

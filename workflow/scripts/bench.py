@@ -53,10 +53,6 @@ def decode_profile(eng, prompts, profile: dict, adapter_name: str | None, out_di
                                     "gpu_span_us", "decode_step_us", "tpot_s_median",
                                     "unattributed_us")}
     out["adapter"] = adapter_name
-    decode = (prof.get("by_step_kind") or {}).get("decode") or {}
-    busy, period = decode.get("gpu_us_per_step_median"), decode.get("gpu_period_us_median")
-    # kernel time per decode step over the step period: 1.0 = the GPU never waits for the host
-    out["decode_gpu_busy_fraction"] = busy / period if busy and period else None
     return out
 
 
@@ -129,18 +125,9 @@ def main(model: str, engine: str, engine_cfg: dict, adapter: str | None, model_j
                                  "weight_storage": storage}
             result["samples"] = samples
             if profile:
-                prof = decode_profile(eng, prompts, profile, next(iter(adapter_paths), None),
-                                      profile_dir)
-                # the profiler slows the host; compare kernel time with the unprofiled sweep
-                variant = "lora-adapter" if adapter else "base"
-                sweep = [r for r in runs if r["variant"] == variant and r["batch"] == 1
-                         and r.get("status") == "ok"]
-                kernel_us = ((prof.get("by_step_kind") or {}).get("decode") or {}).get(
-                    "gpu_us_per_step_median")
-                if sweep and kernel_us:
-                    prof["sweep_tpot_s_batch1"] = sweep[0]["tpot_s"]["median"]
-                    prof["kernel_fraction_of_tpot"] = kernel_us * 1e-6 / prof["sweep_tpot_s_batch1"]
-                result["metrics"]["decode_profile"] = prof
+                # aggregate sets the kernel time against the unprofiled batch-1 TPOT of the runs
+                result["metrics"]["decode_profile"] = decode_profile(
+                    eng, prompts, profile, next(iter(adapter_paths), None), profile_dir)
         finally:
             eng.close()
             if profile_dir:
