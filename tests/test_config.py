@@ -58,6 +58,38 @@ def _only_unknown_model(c):
     c["only_models"] = ["tiny-llama", "llama-70b"]
 
 
+def _iterations(c):
+    c["benchmark"]["min_iterations"], c["benchmark"]["max_iterations"] = 5, 2
+
+
+def _too_long(c):
+    c["benchmark"]["output_tokens"] = 100000
+
+
+def _duplicate_batches(c):
+    c["benchmark"]["batch_sizes"] = [1, 4, 4]
+
+
+def _empty_targets(c):
+    c["adapters"]["r16-qv"]["target_modules"] = []
+
+
+def _cache_is_a_file(c):
+    c["cache_dir"] = "/etc/hostname/cache"
+
+
+def _gpu_util(c):
+    c["engines"]["vllm"]["settings"] = {"gpu_memory_utilization": 1.7}
+
+
+def _vllm_setting_typo(c):
+    c["engines"]["vllm"]["settings"] = {"max_modle_len": 512}
+
+
+def _vllm_max_model_len(c):
+    c["engines"]["vllm"]["settings"] = {"max_model_len": 128}
+
+
 # (base config, edit, strings the error message must contain)
 BROKEN = {
     "typo-top-level-key": (OFFLINE, _typo, ["benchmrk"]),
@@ -70,6 +102,21 @@ BROKEN = {
     "only-models-unknown": (OFFLINE, _only_unknown_model, ["only_models", "llama-70b"]),
     "experts-adapter-on-dense-model": (OFFLINE, _experts_adapter_on_dense,
                                        ["r16-experts", "tiny-llama", "not a MoE"]),
+    "max-below-min-iterations": (OFFLINE, _iterations, [
+        "benchmark.max_iterations=2 is below benchmark.min_iterations=5"]),
+    "output-beyond-context": (OFFLINE, _too_long, [
+        "benchmark.prompt_tokens + benchmark.output_tokens=100032", "tiny-llama",
+        "max_position_embeddings=512"]),
+    "duplicate-batch-sizes": (OFFLINE, _duplicate_batches, ["batch_sizes", "non-unique"]),
+    "empty-adapter-targets": (OFFLINE, _empty_targets, ["target_modules", "should be non-empty"]),
+    "cache-dir-not-a-directory": (OFFLINE, _cache_is_a_file, [
+        "cache_dir='/etc/hostname/cache'", "not a directory"]),
+    "gpu-memory-utilization": (GPU_SMOKE, _gpu_util, [
+        "engines.vllm.settings.gpu_memory_utilization=1.7: must be in (0, 1]"]),
+    "vllm-setting-typo": (GPU_SMOKE, _vllm_setting_typo, [
+        "engines.vllm.settings.max_modle_len: not a vLLM 0.26.0 EngineArgs field"]),
+    "vllm-max-model-len": (GPU_SMOKE, _vllm_max_model_len, [
+        "exceeds engines.vllm.settings.max_model_len=128"]),
 }
 
 
@@ -126,7 +173,7 @@ def test_default_config_plans_both_engines(tmp_path):
     assert stats["bench_baseline"] == sum(len(s["engines"]) for s in config["models"].values())
     # GPU rules declare a GPU
     bench = next(j for j in jobs if j["rule"] == "bench_lora")
-    assert bench["output"][0].startswith("results/bench/")
+    assert bench["output"][0].startswith("results/gpu-hub/bench/")  # results per preset
     assert re.search(r"rule bench_lora:\n(?:    .*\n)*?    resources: .*gpu=1", proc.stdout)
     assert not (tmp_path / "results").exists()
 

@@ -21,12 +21,54 @@ def test_summarize_known_sample_matches_numpy_percentiles():
     assert s["n"] == 10
     assert s["median"] == 5.5
     assert s["p90"] == pytest.approx(9.1)
-    assert s["p99"] == pytest.approx(9.91)
+    assert s["p99"] is None  # 10 samples: a "p99" would be the maximum under another name
     assert s["mean"] == 5.5
     assert s["std"] == pytest.approx(math.sqrt(8.25))  # population std
     assert (s["min"], s["max"]) == (1.0, 10.0)
     for q in (0, 10, 50, 90, 99, 100):
         assert stats.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    big = stats.summarize(float(v) for v in range(1, 101))
+    assert big["p99"] == pytest.approx(np.percentile(range(1, 101), 99))
+
+
+@pytest.mark.parametrize("n,has_p90,has_p99,has_ci", [(4, False, False, False),
+                                                      (5, False, False, True),
+                                                      (9, False, False, True),
+                                                      (10, True, False, True),
+                                                      (99, True, False, True),
+                                                      (100, True, True, True)])
+def test_percentiles_and_ci_only_where_n_supports_them(n, has_p90, has_p99, has_ci):
+    s = stats.summarize(float(v) for v in range(n))
+    assert (s["p90"] is not None, s["p99"] is not None) == (has_p90, has_p99)
+    assert (s["ci_low"] is not None) == has_ci
+    assert s["min"] == 0 and s["max"] == n - 1 and s["n"] == n
+
+
+def test_bootstrap_ci_of_the_median_covers_it_and_narrows_with_n():
+    import random
+    rng = random.Random(1)
+    small = [rng.gauss(10, 1) for _ in range(10)]
+    large = small + [rng.gauss(10, 1) for _ in range(190)]
+    lo_s, hi_s = stats.bootstrap_ci(small)
+    lo_l, hi_l = stats.bootstrap_ci(large)
+    assert lo_s <= stats.summarize(small)["median"] <= hi_s
+    assert lo_l < 10 < hi_l  # the true median
+    assert hi_l - lo_l < (hi_s - lo_s) / 2
+    assert stats.bootstrap_ci(small) == (lo_s, hi_s)  # seeded: reruns agree
+    # a constant sample has a zero-width interval
+    assert stats.bootstrap_ci([2.0] * 8) == (2.0, 2.0)
+
+
+def test_paired_ratio_ci():
+    base = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.02]
+    adapter = [b * 1.2 for b in base]  # exactly +20% in every pair, whatever the drift
+    r = stats.ratio_spread(adapter, base)
+    assert r["median"] == pytest.approx(1.2) and r["n"] == 8
+    assert r["ci_low"] == pytest.approx(1.2) and r["ci_high"] == pytest.approx(1.2)
+    noisy = stats.ratio_spread([1.1, 1.3, 1.2, 1.25, 1.15, 1.22], [1.0] * 6)
+    assert noisy["ci_low"] < noisy["median"] < noisy["ci_high"]
+    with pytest.raises(ValueError, match="3 numerators for 2 denominators"):
+        stats.ratio_spread([1, 2, 3], [1, 2])
 
 
 def test_summarize_drops_missing_and_non_finite_values():
@@ -41,8 +83,8 @@ def test_summarize_empty_and_single():
     assert empty["n"] == 0
     assert all(empty[k] is None for k in ("median", "p90", "p99", "mean", "std", "min", "max"))
     one = stats.summarize([0.25])
-    assert one == {"median": 0.25, "p90": 0.25, "p99": 0.25, "mean": 0.25, "std": 0.0,
-                   "min": 0.25, "max": 0.25, "n": 1}
+    assert one == {"median": 0.25, "ci_low": None, "ci_high": None, "p90": None, "p99": None,
+                   "mean": 0.25, "std": 0.0, "min": 0.25, "max": 0.25, "n": 1}
     with pytest.raises(ValueError):
         stats.percentile([], 50)
 
@@ -59,22 +101,27 @@ def test_ratio_spread_pairs_by_index_and_skips_zero_denominators():
 
 # --------------------------------------------------------------------------- harness
 
-def test_repeat_policy_bounds():
+def test_repeat_policy_bounds_per_variant():
     p = harness.RepeatPolicy(warmup=0, min_iterations=3, min_seconds=1.0, max_iterations=5)
-    assert not p.done(0, 0.0)
-    assert not p.done(2, 100.0)         # time alone is not enough
-    assert not p.done(3, 0.5)           # count alone is not enough
-    assert p.done(3, 1.0)               # both minimums reached
-    assert p.done(5, 0.0)               # the maximum stops it regardless of time
-    assert p.done(7, 0.0)
-    q = harness.RepeatPolicy(min_iterations=2, min_seconds=0, max_iterations=2)
-    assert not q.done(1, 10.0) and q.done(2, 0.0)
+    assert not p.done({"a": 0, "b": 0}, {"a": 0.0, "b": 0.0}, 0)
+    assert not p.done({"a": 2, "b": 2}, {"a": 100.0, "b": 100.0}, 2)  # time alone: no
+    assert not p.done({"a": 3, "b": 3}, {"a": 0.5, "b": 0.5}, 3)      # count alone: no
+    # min_seconds is per variant: one variant's time does not count for the other
+    assert not p.done({"a": 3, "b": 3}, {"a": 5.0, "b": 0.6}, 3)
+    assert p.done({"a": 3, "b": 3}, {"a": 1.0, "b": 1.0}, 3)
+    # excluded (compiling) samples do not count: clean counts are what is passed
+    assert not p.done({"a": 2, "b": 3}, {"a": 1.0, "b": 1.0}, 4)
+    assert p.done({"a": 0, "b": 0}, {"a": 0.0, "b": 0.0}, 5)  # the maximum stops it
+    with pytest.raises(ValueError, match="max_iterations=2 is below min_iterations=5"):
+        harness.RepeatPolicy(min_iterations=5, max_iterations=2)
 
 
-def _sample(variant, batch, it, e2e, ttft, tpot, prompt=16, out=8):
+def _sample(variant, batch, it, e2e, ttft, tpot, prompt=16, out=8, excluded=None):
     return {"variant": variant, "batch": batch, "iteration": it, "e2e_s": e2e, "ttft_s": ttft,
-            "tpot_s": tpot, "prompt_tokens": prompt, "output_tokens": out,
-            "output_tok_s": out / e2e, "prefill_tok_s": prompt / ttft}
+            "ttft_engine_s": ttft, "tpot_s": tpot, "prompt_tokens": prompt,
+            "output_tokens": out, "e2e_tok_s": out / e2e, "decode_tok_s": batch / tpot,
+            "prefill_tok_s": prompt / ttft, "compile_events": 1 if excluded else 0,
+            "excluded": excluded}
 
 
 def test_summarize_runs_groups_by_variant_and_batch():
@@ -87,12 +134,25 @@ def test_summarize_runs_groups_by_variant_and_batch():
     assert base1["status"] == "ok"
     assert base1["prompt_tokens"] == 16 and base1["output_tokens"] == 8
     for key in harness.METRIC_KEYS:
-        assert set(base1[key]) >= {"median", "p90", "p99", "std", "n"}
+        assert set(base1[key]) >= {"median", "ci_low", "ci_high", "p90", "p99", "std", "n"}
         assert base1[key]["n"] == 3
     assert base1["e2e_s"]["median"] == 2.0
     assert base1["tpot_s"]["max"] == pytest.approx(0.03)
     assert runs[("lora-base", 2)]["output_tokens"] == 16
     assert runs[("lora-base", 2)]["ttft_s"]["n"] == 2
+
+
+def test_compiling_samples_are_excluded_from_the_statistics_and_the_pairs():
+    samples = [_sample("lora-base", 1, i, 1.0, 0.1, 0.01) for i in range(4)]
+    samples += [_sample("lora-adapter", 1, i, 1.0, 0.1, 0.012) for i in range(4)]
+    # iteration 0 of the adapter still compiled a kernel: 10x slower
+    samples[4] = _sample("lora-adapter", 1, 0, 10.0, 5.0, 0.12, excluded="compiled")
+    runs = {(r["variant"], r["batch"]): r for r in harness.summarize_runs(samples)}
+    adapter = runs[("lora-adapter", 1)]
+    assert adapter["iterations"] == 4 and adapter["excluded_compile"] == 1
+    assert adapter["tpot_s"]["n"] == 3 and adapter["tpot_s"]["max"] == pytest.approx(0.012)
+    (row,) = harness.paired_overhead(samples, "lora-adapter", "lora-base")
+    assert row["tpot_ratio"]["n"] == 3 and row["tpot_ratio"]["max"] == pytest.approx(1.2)
 
 
 def test_paired_overhead_pairs_by_iteration():
@@ -124,33 +184,45 @@ def test_paired_overhead_pairs_by_iteration():
 
 
 class FakeEngine:
-    """Records every generate() call; answers with a fixed BatchTiming. It stands in for an
-    engine only to test the harness's bookkeeping (warm-up, interleaving, slicing)."""
+    """Records every generate() call; answers with a BatchTiming whose e2e follows `e2e` (a list
+    consumed call by call, then 0.5) and whose compile counter grows on the calls in `compiles`.
+    It stands in for an engine only to test the harness's bookkeeping."""
 
-    def __init__(self):
+    def __init__(self, e2e=(), compiles=()):
         self.calls = []
+        self.e2e = list(e2e)
+        self.compiles = set(compiles)
+        self.compiled = 0
+
+    def compile_events(self):
+        return self.compiled
 
     def generate(self, prompts, new_tokens, adapters):
         self.calls.append((len(prompts), new_tokens, list(adapters)))
+        if len(self.calls) in self.compiles:
+            self.compiled += 1
         tag = 1 if adapters[0] else 0
         n = len(prompts)
-        return BatchTiming(e2e_s=0.5, ttft_s=[0.1] * n, tpot_s=[0.05] * n,
+        e2e = self.e2e.pop(0) if self.e2e else 0.5
+        return BatchTiming(e2e_s=e2e, ttft_s=[0.1] * n, tpot_s=[0.05] * n,
                            prompt_tokens=n * len(prompts[0]), output_tokens=n * new_tokens,
-                           output_token_ids=[[tag, len(self.calls)]] * n)
+                           output_token_ids=[[tag, len(self.calls)]] * n,
+                           ttft_engine_s=[0.08] * n)
 
 
-@pytest.mark.parametrize("warmup", [0, 2])
+@pytest.mark.parametrize("warmup", [1, 3])
 def test_measure_batch_warms_up_interleaves_and_slices(warmup):
     eng = FakeEngine()
     prompts = [[0, 1, 2, 3]] * 4
     variants = {"lora-base": [None] * 4, "lora-adapter": ["a"] * 4}
     policy = harness.RepeatPolicy(warmup=warmup, min_iterations=3, min_seconds=0,
                                   max_iterations=10)
-    samples, outputs = harness.measure_batch(eng, prompts, 8, variants, policy, batch=2)
-    # warm-up first: `warmup` calls per variant, in declaration order
-    warm = eng.calls[:2 * warmup]
-    assert [c[2][0] for c in warm] == [None] * warmup + ["a"] * warmup
-    timed = eng.calls[2 * warmup:]
+    samples, outputs, warm = harness.measure_batch(eng, prompts, 8, variants, policy, batch=2)
+    # a steady engine: `warmup` calls per variant (at least two, to see two agree)
+    calls = max(warmup, 2)
+    assert [c[2][0] for c in eng.calls[:2 * calls]] == [None] * calls + ["a"] * calls
+    assert warm["lora-base"]["steady"] and warm["lora-base"]["calls"] == calls
+    timed = eng.calls[2 * calls:]
     assert len(timed) == 6 and len(samples) == 6
     # every call sees exactly `batch` prompts and adapters
     assert all(c[0] == 2 and len(c[2]) == 2 and c[1] == 8 for c in eng.calls)
@@ -161,20 +233,52 @@ def test_measure_batch_warms_up_interleaves_and_slices(warmup):
     assert [s["iteration"] for s in samples] == [0, 0, 1, 1, 2, 2]
     s = samples[0]
     assert s["batch"] == 2 and s["e2e_s"] == 0.5 and s["ttft_s"] == 0.1 and s["tpot_s"] == 0.05
-    assert s["output_tokens"] == 16 and s["output_tok_s"] == pytest.approx(32.0)
+    assert s["ttft_engine_s"] == 0.08 and s["excluded"] is None
+    assert s["output_tokens"] == 16 and s["e2e_tok_s"] == pytest.approx(32.0)
+    assert s["decode_tok_s"] == pytest.approx(2 / 0.05)
     assert s["prefill_tok_s"] == pytest.approx(8 / 0.1)
-    # outputs: first request of the last warm-up call, or of the first timed call without one
-    expected = {"lora-base": [0, warmup], "lora-adapter": [1, 2 * warmup]} if warmup else \
-        {"lora-base": [0, 1], "lora-adapter": [1, 2]}
-    assert outputs == expected
+    # outputs: the first request of the first warm-up call
+    assert outputs == {"lora-base": [0, 1], "lora-adapter": [1, calls + 1]}
+
+
+def test_warm_up_continues_while_compiling_or_unsettled():
+    # calls 1-3 compile (e.g. Triton JIT at a new batch size), call 4 is slower than call 5
+    eng = FakeEngine(e2e=[3.0, 2.0, 1.0, 0.8, 0.5, 0.5], compiles={1, 2, 3})
+    policy = harness.RepeatPolicy(warmup=1, min_iterations=1, min_seconds=0, max_iterations=1)
+    warm = harness.warm_up(eng, [[0, 1]], 2, [None], policy)
+    assert warm["steady"] and warm["calls"] == 6 and warm["compile_events"] == 3
+    never = harness.warm_up(FakeEngine(e2e=[1.0, 2.0] * 10), [[0, 1]], 2, [None], policy)
+    assert not never["steady"] and never["calls"] == policy.max_warmup
+
+
+def test_a_timed_call_that_compiles_is_flagged_and_replaced():
+    eng = FakeEngine(compiles={5})  # two steady warm-ups per variant, then the 1st timed call
+    policy = harness.RepeatPolicy(warmup=1, min_iterations=2, min_seconds=0, max_iterations=10)
+    samples, _, _ = harness.measure_batch(eng, [[0, 1]], 2, {"a": [None], "b": ["x"]}, policy, 1)
+    flagged = [s for s in samples if s["excluded"]]
+    assert len(flagged) == 1 and flagged[0]["compile_events"] == 1
+    # the excluded sample does not count: each variant still has two clean ones
+    clean = [s for s in samples if not s["excluded"]]
+    assert {v: sum(s["variant"] == v for s in clean) for v in ("a", "b")} == {"a": 2, "b": 3}
 
 
 def test_measure_batch_stops_at_max_iterations():
     eng = FakeEngine()
     policy = harness.RepeatPolicy(warmup=0, min_iterations=1, min_seconds=3600,
                                   max_iterations=2)
-    samples, _ = harness.measure_batch(eng, [[0, 1]], 2, {"base": [None]}, policy, batch=1)
+    samples, _, _ = harness.measure_batch(eng, [[0, 1]], 2, {"base": [None]}, policy, batch=1)
     assert len(samples) == 2
+
+
+def test_lora_xn_runs_only_where_the_batch_holds_n_requests():
+    variants = harness.variants_for(["a0", "a1", "a2", "a3"], [4], 8)
+    assert variants["lora-x4"] == ["a0", "a1", "a2", "a3"] * 2
+    small, skipped = harness.variants_at(variants, 1)
+    assert set(small) == {"lora-base", "lora-adapter"}
+    assert skipped == [{"variant": "lora-x4", "batch": 1, "status": "not run",
+                        "reason": "lora-x4 needs a batch of at least 4 requests"}]
+    big, none = harness.variants_at(variants, 4)
+    assert "lora-x4" in big and none == []
 
 
 # --------------------------------------------------------------------------- workload
@@ -317,7 +421,8 @@ def test_write_result_validates_and_writes(tmp_path, result_validator):
     resultio.write_result(out, _ok_result(), config={"k": 1})
     data = json.loads(out.read_text())
     result_validator.validate(data)
-    assert data["schema"] == "bench/v1" and data["status"] == "ok"
+    assert data["schema"] == "bench/v2" and data["status"] == "ok"
+    assert oct(out.stat().st_mode & 0o777) == "0o644"  # readable by the team, as plain files
     for key in ("device", "torch", "transformers", "git_commit", "config_hash", "hostname",
                 "started", "finished"):
         assert key in data["env"]
@@ -463,20 +568,24 @@ def test_rename_experts_for_vllm(tmp_path):
 # --------------------------------------------------------------------------- decode profile table
 
 def _stats(median):
-    return {"median": median, "p90": median, "p99": median, "std": 0.0, "n": 3}
+    return {"median": median, "ci_low": None, "ci_high": None, "p90": None, "p99": None,
+            "min": median, "max": median, "std": 0.0, "n": 3}
 
 
 def _bench_result(model, engine, adapter, tpot_s, decode_profile=None):
     """A bench result as bench.py writes it, batch 1 only; decode_profile as given."""
     variant = "lora-adapter" if adapter != "none" else "base"
     runs = [{"variant": v, "batch": 1, "status": "ok", "prompt_tokens": 16, "output_tokens": 8,
+             "iterations": 3, "excluded_compile": 0,
              "ttft_s": _stats(0.01), "tpot_s": _stats(t), "e2e_s": _stats(0.1),
-             "output_tok_s": _stats(80.0), "prefill_tok_s": _stats(1600.0)}
+             "e2e_tok_s": _stats(80.0), "decode_tok_s": _stats(1 / t),
+             "prefill_tok_s": _stats(1600.0)}
             for v, t in ([("lora-base", tpot_s / 2)] if adapter != "none" else [])
             + [(variant, tpot_s)]]
     res = resultio.new_result("bench", model, engine, adapter,
                               params={"mode": "lora" if adapter != "none" else "baseline"})
     res["metrics"] = {"runs": runs, "overhead": [], "outputs": {}, "engine_info": {},
+                      "warmup": {},
                       "memory": {"peak_rss_bytes": 1 << 20}, "adapter_bytes": 0,
                       "weight_storage": None,
                       "architecture": {"num_hidden_layers": 2, "num_attention_heads": 4,
@@ -484,9 +593,9 @@ def _bench_result(model, engine, adapter, tpot_s, decode_profile=None):
     if decode_profile is not None:
         res["metrics"]["decode_profile"] = decode_profile
     res["samples"] = [{"variant": r["variant"], "batch": 1, "iteration": 0, "e2e_s": 0.1,
-                       "ttft_s": 0.01, "tpot_s": 0.01, "prompt_tokens": 16, "output_tokens": 8}
-                      for r in runs]
-    res["env"] = {"device": "cuda"}
+                       "ttft_s": 0.01, "tpot_s": 0.01, "prompt_tokens": 16, "output_tokens": 8,
+                       "compile_events": 0, "excluded": None} for r in runs]
+    res["env"] = resultio.capture_env()
     return res
 
 

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import install_fake_vllm
-from int4lora.engines import vllm_engine as ve
+from int4lora.config import engine_config
+from int4lora.engines import vllm as ve
+from int4lora.logcapture import FdCapture
 from int4lora.engines.base import BatchTiming, ScoredSequence
 
 # ------------------------------------------------------------------ build_llm_kwargs
@@ -25,9 +27,8 @@ def test_module_imports_without_vllm():
 
 def test_build_llm_kwargs_defaults_and_passthrough():
     settings = {"gpu_memory_utilization": 0.8, "max_model_len": 2048, "max_num_seqs": 64,
-                "seed": 1, "dtype": "bfloat16", "unrelated": 5}
-    kw = ve.build_llm_kwargs("/m", settings, enable_lora=False, max_loras=1,
-                             max_lora_rank=16, quantization=None)
+                "seed": 1, "dtype": "bfloat16", "preload_adapters": False}
+    kw = ve.build_llm_kwargs("/m", settings, lora=None, quantization=None)
     assert kw["model"] == "/m"
     assert kw["enforce_eager"] is False
     assert kw["disable_log_stats"] is False  # needed for RequestOutput.metrics
@@ -35,44 +36,49 @@ def test_build_llm_kwargs_defaults_and_passthrough():
     assert kw["max_logprobs"] == 20
     assert kw["gpu_memory_utilization"] == 0.8 and kw["max_model_len"] == 2048
     assert kw["max_num_seqs"] == 64 and kw["seed"] == 1 and kw["dtype"] == "bfloat16"
-    assert "quantization" not in kw and "enable_lora" not in kw and "unrelated" not in kw
+    assert "quantization" not in kw and "enable_lora" not in kw
+    assert "preload_adapters" not in kw  # ours, not vLLM's
+    assert "compilation_config" not in kw  # vLLM's own default without capture sizes
 
 
 def test_build_llm_kwargs_lora_and_bnb():
-    settings = {"max_cpu_loras": 4, "enforce_eager": True, "max_logprobs": 50,
-                "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4]},
-                "engine_args": {"max_num_batched_tokens": 8192}}
-    kw = ve.build_llm_kwargs("/m", settings, enable_lora=True, max_loras=2,
-                             max_lora_rank=64, quantization="bitsandbytes")
+    settings = {"enforce_eager": True, "max_logprobs": 50, "max_num_batched_tokens": 8192}
+    lora = {"rank": 64, "slots": 2, "adapters": 5, "target_modules": ["q_proj", "v_proj"]}
+    kw = ve.build_llm_kwargs("/m", settings, lora=lora, quantization="bitsandbytes",
+                             capture_sizes=[1, 8, 128])
     assert kw["enable_lora"] is True and kw["max_loras"] == 2 and kw["max_lora_rank"] == 64
-    assert kw["max_cpu_loras"] == 4
+    assert kw["max_cpu_loras"] == 5  # every loaded adapter stays in the CPU cache
+    assert kw["lora_target_modules"] == ["q_proj", "v_proj"]
     assert kw["quantization"] == "bitsandbytes"
-    assert kw["enforce_eager"] is True
-    assert kw["max_logprobs"] == 50
-    assert kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 2, 4]}
+    assert kw["enforce_eager"] is True and kw["max_logprobs"] == 50
     assert kw["max_num_batched_tokens"] == 8192
+    assert kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 8, 128]}
+    # the preset's own compilation_config wins over the derived capture sizes
+    own = ve.build_llm_kwargs("/m", {"compilation_config": {"mode": 0}}, lora=None,
+                              quantization=None, capture_sizes=[1])
+    assert own["compilation_config"] == {"mode": 0}
 
 
-@pytest.mark.parametrize("rank", [1, 8, 16, 32, 64, 128, 256, 320, 512])
-def test_build_llm_kwargs_allowed_ranks(rank):
-    kw = ve.build_llm_kwargs("/m", {}, enable_lora=True, max_loras=1, max_lora_rank=rank,
-                             quantization=None)
-    assert kw["max_lora_rank"] == rank
+def test_lora_engine_args_restrict_and_defaults():
+    lora = {"rank": 16, "slots": 1, "target_modules": ["q_proj", "v_proj"],
+            "target_parameters": ["mlp.experts.gate_up_proj"]}
+    assert ve.lora_engine_args(lora)["lora_target_modules"] == ["experts", "q_proj", "v_proj"]
+    # vLLM's defaults: every LoRA-capable linear (no restriction passed)
+    assert "lora_target_modules" not in ve.lora_engine_args(lora, restrict=False)
+    assert ve.lora_engine_args(None) == {}
 
 
-def test_build_llm_kwargs_bad_rank():
-    with pytest.raises(ValueError, match=r"max_lora_rank=24 is not supported by vLLM \(allowed: 1, 8, 16"):
-        ve.build_llm_kwargs("/m", {}, enable_lora=True, max_loras=1, max_lora_rank=24,
-                            quantization=None)
+@pytest.mark.parametrize("rank,expected", [(1, 1), (8, 8), (12, 16), (16, 16), (24, 32),
+                                           (320, 320), (500, 512), (512, 512)])
+def test_lora_engine_args_round_rank_up_to_an_allowed_one(rank, expected):
+    assert ve.lora_engine_args({"rank": rank, "slots": 1})["max_lora_rank"] == expected
 
 
-def test_build_llm_kwargs_other_errors():
+def test_build_llm_kwargs_errors():
+    with pytest.raises(ValueError, match="LoRA rank 1024 is above vLLM's limit 512"):
+        ve.lora_engine_args({"rank": 1024, "slots": 1})
     with pytest.raises(ValueError, match="quantization='awq'"):
-        ve.build_llm_kwargs("/m", {}, enable_lora=False, max_loras=1, max_lora_rank=16,
-                            quantization="awq")
-    with pytest.raises(ValueError, match="max_cpu_loras=1 must be >= max_loras=2"):
-        ve.build_llm_kwargs("/m", {"max_cpu_loras": 1}, enable_lora=True, max_loras=2,
-                            max_lora_rank=16, quantization=None)
+        ve.build_llm_kwargs("/m", {}, lora=None, quantization="awq")
 
 
 # ------------------------------------------------------------------ kernel_env
@@ -222,6 +228,8 @@ def test_timing_from_request_metrics():
     assert t.tpot_s == pytest.approx([0.1, 0.2])
     assert t.prompt_tokens == 12 and t.output_tokens == 8
     assert t.output_token_ids == [[100, 101, 102, 103]] * 2
+    # engine side: queued (first_ts - 0.2 in _metrics) -> first token, the engine-core clock
+    assert t.ttft_engine_s == pytest.approx([0.2, 0.2])
 
 
 def test_timing_single_token_tpot_zero():
@@ -271,12 +279,6 @@ def test_prompt_logprobs_errors():
         ve.prompt_logprobs_to_scored([1, 2, 3], [None, {2: _lp(-1, 1)}], top_k=1)
     with pytest.raises(ValueError, match="lacks the actual token 2"):
         ve.prompt_logprobs_to_scored([1, 2], [None, {5: _lp(-1, 1)}], top_k=1)
-
-
-def test_adapter_rank(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "rank_pattern": {"q_proj": 32}}))
-    assert ve.adapter_rank(str(tmp_path)) == 32
-    assert ve.adapter_rank(str(tmp_path / "missing")) is None
 
 
 # ------------------------------------------------------------------ engine with a fake vllm
@@ -338,16 +340,25 @@ def _adapter(tmp_path, name, r=16):
     return str(d)
 
 
+def _cfg(**kw):
+    return engine_config({"backend": "vllm", "quantization": "w4a16", **kw})
+
+
+LORA = {"rank": 16, "slots": 1, "adapters": 2, "target_modules": ["q_proj", "v_proj"]}
+
+
 def test_engine_flow_with_fake_vllm(fake_vllm, tmp_path):
     adapters = {"a": _adapter(tmp_path, "a"), "b": _adapter(tmp_path, "b")}
     log = tmp_path / "logs" / "engine.log"
-    eng = ve.VllmEngine("/m", settings={"max_cpu_loras": 2}, enable_lora=True, adapters=adapters,
-                        max_lora_rank=16, max_loras=1, w4a16_kernel="machete",
+    eng = ve.VllmEngine("/m", _cfg(w4a16_kernel="machete"), adapters=adapters, lora=LORA,
                         log_path=str(log))
     llm = _FakeLLM.instances[-1]
     assert os.environ["VLLM_DISABLED_KERNELS"].startswith("CutlassW4A8LinearKernel")
     assert [r.lora_int_id for r in llm.added] == [1, 2]
-    assert llm.kwargs["enable_lora"] is True
+    assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_cpu_loras"] == 2
+    assert llm.kwargs["lora_target_modules"] == ["q_proj", "v_proj"]
+    # the applied-tensor report ships a function to the engine core: allowed for this engine
+    assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
 
     t = eng.generate([[1, 2, 3], [4, 5]], 8, ["a", None])
     prompts, sp, loras, tqdm = llm.calls[-1]
@@ -382,26 +393,36 @@ def test_engine_flow_with_fake_vllm(fake_vllm, tmp_path):
     eng.close()
     assert llm.shutdown is True
     assert "VLLM_DISABLED_KERNELS" not in os.environ
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate([[1]], 2, [None])
     eng.close()  # idempotent
 
 
 def test_engine_rejects_bad_adapters(fake_vllm, tmp_path):
-    with pytest.raises(ValueError, match="rank 64 > max_lora_rank=16"):
-        ve.VllmEngine("/m", settings={}, enable_lora=True,
-                      adapters={"big": _adapter(tmp_path, "big", r=64)}, max_lora_rank=16)
-    with pytest.raises(ValueError, match="enable_lora is False"):
-        ve.VllmEngine("/m", settings={}, enable_lora=False,
-                      adapters={"a": _adapter(tmp_path, "a")})
-    eng = ve.VllmEngine("/m", settings={}, enable_lora=False, log_path=str(tmp_path / "x.log"))
-    with pytest.raises(ValueError, match="enable_lora=False"):
+    with pytest.raises(FileNotFoundError, match="adapter 'gone': no directory"):
+        ve.VllmEngine("/m", _cfg(), adapters={"gone": str(tmp_path / "gone")}, lora=LORA)
+    with pytest.raises(ValueError, match="without a LoRA plan"):
+        ve.VllmEngine("/m", _cfg(), adapters={"a": _adapter(tmp_path, "a")})
+    eng = ve.VllmEngine("/m", _cfg(), log_path=str(tmp_path / "x.log"))
+    with pytest.raises(ValueError, match="without LoRA support"):
         eng.generate([[1]], 2, ["a"])
     eng.close()
 
 
+def test_vllm_settings_are_checked_against_engine_args():
+    from int4lora.config import ConfigError
+    with pytest.raises(ConfigError, match="settings.max_modle_len: not a vLLM 0.26.0 EngineArgs"):
+        _cfg(settings={"max_modle_len": 512})
+    with pytest.raises(ConfigError, match="settings.max_loras: set by the pipeline"):
+        _cfg(settings={"max_loras": 4})
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization=1.5: must be in \(0, 1\]"):
+        _cfg(settings={"gpu_memory_utilization": 1.5})
+    assert _cfg(settings={"specialize_active_lora": True}).settings["specialize_active_lora"]
+
+
 def test_fd_capture_tees_back(tmp_path, capfd):
-    cap = ve._FdCapture(str(tmp_path / "c.log"))
+    cap = FdCapture(str(tmp_path / "c.log"))
     with cap.capture():
         os.write(1, b"from-stdout\n")
         os.write(2, b"from-stderr\n")

@@ -1,3 +1,7 @@
+# Timed rules (measure_bandwidth, bench_*, profile_memory) take every core Snakemake has, so that no
+# other job runs beside them and their numbers are not another job's contention.
+
+
 rule measure_bandwidth:
     output:
         f"{RESULTS}/hardware/bandwidth.json",
@@ -5,9 +9,10 @@ rule measure_bandwidth:
         device=config["device"],
         size_mib=lambda wc: 1024 if config["device"].startswith("cuda") else 256,
     log:
-        "logs/measure_bandwidth.log",
+        f"{LOGS}/measure_bandwidth.log",
     benchmark:
-        "benchmarks/measure_bandwidth.tsv"
+        f"{BENCHMARKS}/measure_bandwidth.tsv"
+    threads: workflow.cores
     resources:
         gpu=uses_gpu,
         runtime=5,
@@ -23,14 +28,14 @@ rule bench_baseline:
     output:
         f"{RESULTS}/bench/{{model}}/{{engine}}/baseline.json",
     params:
-        engine_cfg=lambda wc: ENGINES[wc.engine],
-        adapter=None,
-        bench=config["benchmark"],
+        plan=plan(adapter_from_wildcards=False),
+        bench_cfg=config["benchmark"],
         device=config["device"],
     log:
-        "logs/bench_baseline/{model}/{engine}.log",
+        f"{LOGS}/bench_baseline/{{model}}/{{engine}}.log",
     benchmark:
-        "benchmarks/bench_baseline/{model}/{engine}.tsv"
+        f"{BENCHMARKS}/bench_baseline/{{model}}/{{engine}}.tsv"
+    threads: workflow.cores
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),
@@ -47,14 +52,14 @@ rule bench_lora:
     output:
         f"{RESULTS}/bench/{{model}}/{{engine}}/{{adapter}}.json",
     params:
-        engine_cfg=lambda wc: ENGINES[wc.engine],
-        adapter=lambda wc: wc.adapter,
-        bench=config["benchmark"],
+        plan=plan(adapter_from_wildcards=True),
+        bench_cfg=config["benchmark"],
         device=config["device"],
     log:
-        "logs/bench_lora/{model}/{engine}/{adapter}.log",
+        f"{LOGS}/bench_lora/{{model}}/{{engine}}/{{adapter}}.log",
     benchmark:
-        "benchmarks/bench_lora/{model}/{engine}/{adapter}.tsv"
+        f"{BENCHMARKS}/bench_lora/{{model}}/{{engine}}/{{adapter}}.tsv"
+    threads: workflow.cores
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),
@@ -73,14 +78,14 @@ rule profile_memory:
     wildcard_constraints:
         adapter=alternation([*ADAPTERS, "none"]),
     params:
-        engine_cfg=lambda wc: ENGINES[wc.engine],
-        adapter=lambda wc: None if wc.adapter == "none" else wc.adapter,
-        bench=config["benchmark"],
+        plan=plan(adapter_from_wildcards=True),
+        bench_cfg=config["benchmark"],
         device=config["device"],
     log:
-        "logs/profile_memory/{model}/{engine}/{adapter}.log",
+        f"{LOGS}/profile_memory/{{model}}/{{engine}}/{{adapter}}.log",
     benchmark:
-        "benchmarks/profile_memory/{model}/{engine}/{adapter}.tsv"
+        f"{BENCHMARKS}/profile_memory/{{model}}/{{engine}}/{{adapter}}.tsv"
+    threads: workflow.cores
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),

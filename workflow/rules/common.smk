@@ -9,47 +9,30 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
-validate(config, schema="../schemas/config.schema.json")
+from int4lora.config import ConfigError, check_config, job_plan  # noqa: E402
 
-RESULTS = "results"
+# fills in the schema's defaults (presets hold only what differs from them)
+validate(config, schema="../schemas/config.schema.json", set_default=True)
+
+PRESET = config["preset"]
+# every preset keeps its own results, logs and benchmarks, so presets never overwrite each other
+RESULTS = f"results/{PRESET}"
+LOGS = f"logs/{PRESET}"
+BENCHMARKS = f"benchmarks/{PRESET}"
 MODELS = config["models"]
 if config.get("only_models"):
     # run a subset of the matrix (e.g. one model per GPU lease); the report covers that subset
     unknown = sorted(set(config["only_models"]) - set(MODELS))
     if unknown:
-        raise ValueError(f"only_models: unknown model(s) {unknown} (configured: {', '.join(MODELS)})")
+        raise ConfigError(f"only_models: unknown model(s) {unknown} "
+                          f"(configured: {', '.join(MODELS)})")
     MODELS = {name: MODELS[name] for name in config["only_models"]}
 ENGINES = config["engines"]
 ADAPTERS = config["adapters"]
 
-
-def _check_matrix():
-    """Cross-references the JSON schema cannot express; each error names the bad value."""
-    from int4lora.engines.vllm_engine import ALLOWED_MAX_LORA_RANKS
-
-    errors = []
-    for name, spec in MODELS.items():
-        for engine in spec["engines"]:
-            if engine not in ENGINES:
-                errors.append(f"models.{name}.engines: unknown engine {engine!r} "
-                              f"(configured: {', '.join(ENGINES)})")
-        for adapter in spec["adapters"]:
-            if adapter not in ADAPTERS:
-                errors.append(f"models.{name}.adapters: unknown adapter {adapter!r} "
-                              f"(configured: {', '.join(ADAPTERS)})")
-            elif ADAPTERS[adapter].get("moe_only") and not (spec.get("arch") or {}).get(
-                    "num_local_experts", spec.get("source") != "synthetic"):
-                errors.append(f"models.{name}.adapters: adapter {adapter!r} targets MoE "
-                              f"experts but {name!r} is not a MoE model")
-            elif any(ENGINES.get(e, {}).get("backend") == "vllm" for e in spec["engines"]) \
-                    and ADAPTERS[adapter]["rank"] > max(ALLOWED_MAX_LORA_RANKS):
-                errors.append(f"adapters.{adapter}.rank={ADAPTERS[adapter]['rank']} is above "
-                              f"vLLM's limit {max(ALLOWED_MAX_LORA_RANKS)} (model {name!r})")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
-
-
-_check_matrix()
+_errors = check_config(config, MODELS)
+if _errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(_errors))
 
 
 def alternation(names):
@@ -80,6 +63,20 @@ def engine_resource(key, default):
     return get
 
 
+def timed_threads(wildcards, threads):
+    """Timed jobs take every core Snakemake was given, so that no other job runs beside them."""
+    return workflow.cores
+
+
+def plan(adapter_from_wildcards: bool):
+    """The job's resolved settings (int4lora.config.job_plan), one resolution per job."""
+    def get(wildcards):
+        adapter = getattr(wildcards, "adapter", None) if adapter_from_wildcards else None
+        return job_plan(config, wildcards.model, wildcards.engine,
+                        None if adapter == "none" else adapter)
+    return get
+
+
 def matrix():
     """(model, engine, adapter) triples of the configured matrix."""
     for model, spec in MODELS.items():
@@ -93,22 +90,22 @@ def model_json(wildcards):
 
 
 def bench_inputs(wildcards):
-    inputs = {"model": model_json(wildcards),
-              "quant": f"{RESULTS}/quantize/{wildcards.model}/{wildcards.engine}.json",
-              "bandwidth": f"{RESULTS}/hardware/bandwidth.json"}
+    inputs = {"model_json": model_json(wildcards),
+              "quant_json": f"{RESULTS}/quantize/{wildcards.model}/{wildcards.engine}.json",
+              "bandwidth_json": f"{RESULTS}/hardware/bandwidth.json"}
     if getattr(wildcards, "adapter", "none") != "none":
-        inputs["adapter"] = f"{RESULTS}/adapters/{wildcards.model}/{wildcards.adapter}.json"
+        inputs["adapter_json"] = f"{RESULTS}/adapters/{wildcards.model}/{wildcards.adapter}.json"
     return inputs
 
 
 def memory_inputs(wildcards):
     inputs = bench_inputs(wildcards)
-    inputs.pop("bandwidth")
+    inputs.pop("bandwidth_json")
     return inputs
 
 
 def stages(engine):
-    return ENGINES[engine].get("stages", ["bench", "memory", "validate"])
+    return ENGINES[engine]["stages"]
 
 
 def all_results():
@@ -120,7 +117,7 @@ def all_results():
     for model, spec in MODELS.items():
         for engine in spec["engines"]:
             files.append(f"{RESULTS}/bench/{model}/{engine}/baseline.json")
-            if "memory" in stages(engine) and config.get("profile_base_memory", True):
+            if "memory" in stages(engine) and config["profile_base_memory"]:
                 files.append(f"{RESULTS}/memory/{model}/{engine}/none.json")
     return sorted(set(files))
 
@@ -129,11 +126,11 @@ def aggregate_inputs():
     """All results of the matrix; with `report_partial`, only those that exist (a run cut short,
     e.g. by a GPU lease), the others listed as missing in the report."""
     files = all_results()
-    if config.get("report_partial"):
+    if config["report_partial"]:
         return [f for f in files if os.path.exists(f)]
     return files
 
 
 def missing_results():
     return [f for f in all_results() if not os.path.exists(f)] \
-        if config.get("report_partial") else []
+        if config["report_partial"] else []

@@ -6,10 +6,11 @@ rule fetch_model:
         cache_dir=config["cache_dir"],
         device=config["device"],
     log:
-        "logs/fetch_model/{model}.log",
+        f"{LOGS}/fetch_model/{{model}}.log",
     benchmark:
-        "benchmarks/fetch_model/{model}.tsv"
+        f"{BENCHMARKS}/fetch_model/{{model}}.tsv"
     resources:
+        gpu=uses_gpu,
         mem_mb=16000,
         runtime=60,
     conda:
@@ -20,16 +21,17 @@ rule fetch_model:
 
 rule quantize:
     input:
-        model=model_json,
+        model_json=model_json,
     output:
         f"{RESULTS}/quantize/{{model}}/{{engine}}.json",
     params:
         engine_cfg=lambda wc: ENGINES[wc.engine],
         cache_dir=config["cache_dir"],
     log:
-        "logs/quantize/{model}/{engine}.log",
+        f"{LOGS}/quantize/{{model}}/{{engine}}.log",
     benchmark:
-        "benchmarks/quantize/{model}/{engine}.tsv"
+        f"{BENCHMARKS}/quantize/{{model}}/{{engine}}.tsv"
+    threads: workflow.cores
     resources:
         gpu=uses_gpu,
         mem_mb=64000,
@@ -42,16 +44,16 @@ rule quantize:
 
 rule make_adapter:
     input:
-        model=model_json,
+        model_json=model_json,
     output:
         f"{RESULTS}/adapters/{{model}}/{{adapter}}.json",
     params:
         spec=lambda wc: ADAPTERS[wc.adapter],
         cache_dir=config["cache_dir"],
     log:
-        "logs/make_adapter/{model}/{adapter}.log",
+        f"{LOGS}/make_adapter/{{model}}/{{adapter}}.log",
     benchmark:
-        "benchmarks/make_adapter/{model}/{adapter}.tsv"
+        f"{BENCHMARKS}/make_adapter/{{model}}/{{adapter}}.tsv"
     resources:
         mem_mb=4000,
         runtime=10,

@@ -3,15 +3,15 @@ rule aggregate:
         aggregate_inputs(),
     output:
         expand(f"{RESULTS}/tables/{{table}}.csv",
-               table=["bench", "overhead", "memory", "validation", "coverage", "quality",
+               table=["bench", "overhead", "memory", "validation", "noise_floor", "coverage", "quality",
                       "decode_profile", "status"]),
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         missing=missing_results(),
     log:
-        "logs/aggregate.log",
+        f"{LOGS}/aggregate.log",
     benchmark:
-        "benchmarks/aggregate.tsv"
+        f"{BENCHMARKS}/aggregate.tsv"
     conda:
         "../../envs/report.yaml"
     script:
@@ -33,9 +33,9 @@ rule plots:
         tables=lambda wildcards, input: os.path.dirname(input[0]),
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
-        "logs/plots.log",
+        f"{LOGS}/plots.log",
     benchmark:
-        "benchmarks/plots.tsv"
+        f"{BENCHMARKS}/plots.tsv"
     conda:
         "../../envs/report.yaml"
     script:
@@ -47,17 +47,22 @@ rule report:
         tables=rules.aggregate.output,
         figures=rules.plots.output,
     output:
-        md=report(f"{RESULTS}/report/report.md", caption="../report/report.rst",
+        out_md=report(f"{RESULTS}/report/report.md", caption="../report/report.rst",
                   category="Report"),
-        html=report(f"{RESULTS}/report/index.html", caption="../report/report.rst",
+        out_html=report(f"{RESULTS}/report/index.html", caption="../report/report.rst",
                     category="Report"),
     params:
         tables=lambda wildcards, input: os.path.dirname(input.tables[0]),
         figures=lambda wildcards, input: os.path.dirname(input.figures[0]),
+        preset=PRESET,
+        description=config["description"],
+        sources=config.get("source_reports", []),
+        models=MODELS,
+        engines=ENGINES,
     log:
-        "logs/report.log",
+        f"{LOGS}/report.log",
     benchmark:
-        "benchmarks/report.tsv"
+        f"{BENCHMARKS}/report.tsv"
     conda:
         "../../envs/report.yaml"
     script:

@@ -1,18 +1,19 @@
 rule validate:
     input:
-        model=model_json,
-        quant=f"{RESULTS}/quantize/{{model}}/{{engine}}.json",
-        adapter=f"{RESULTS}/adapters/{{model}}/{{adapter}}.json",
+        model_json=model_json,
+        quant_json=f"{RESULTS}/quantize/{{model}}/{{engine}}.json",
+        adapter_json=f"{RESULTS}/adapters/{{model}}/{{adapter}}.json",
     output:
         f"{RESULTS}/validate/{{model}}/{{engine}}/{{adapter}}.json",
     params:
-        engine_cfg=lambda wc: ENGINES[wc.engine],
-        validation=config["validation"],
+        plan=plan(adapter_from_wildcards=True),
+        val_cfg=config["validation"],
         device=config["device"],
     log:
-        "logs/validate/{model}/{engine}/{adapter}.log",
+        f"{LOGS}/validate/{{model}}/{{engine}}/{{adapter}}.log",
     benchmark:
-        "benchmarks/validate/{model}/{engine}/{adapter}.tsv"
+        f"{BENCHMARKS}/validate/{{model}}/{{engine}}/{{adapter}}.tsv"
+    threads: workflow.cores
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),

@@ -1,4 +1,9 @@
-"""Rule aggregate: every result JSON -> tidy CSV tables (pandas). Reads only JSON."""
+"""Rule aggregate: every result JSON -> tidy CSV tables (pandas). Reads only JSON.
+
+One gate everywhere: every speed row (bench, overhead) carries `validated`, the verdict of the
+checks that concern it (base requests: the base-scope checks of every validation of that model and
+engine; adapter requests: that adapter's validation), or "unvalidated" where no validation ran.
+"""
 
 from pathlib import Path
 
@@ -6,30 +11,55 @@ import pandas as pd
 
 from int4lora.memory import attribute, kv_cache_bytes
 from int4lora.profiling import CLASS_NAMES
-from int4lora.resultio import read_json
+from int4lora.resultio import read_result, write_text_atomic
 
-STAT_KEYS = ("median", "p90", "p99", "std", "n")
+STAT_KEYS = ("median", "ci_low", "ci_high", "p90", "p99", "std", "min", "max", "n")
+BENCH_METRICS = ("ttft_s", "ttft_engine_s", "tpot_s", "e2e_s", "e2e_tok_s", "decode_tok_s",
+                 "prefill_tok_s")
 ENV_KEYS = ("device", "gpu", "driver", "cuda", "cpu", "torch", "transformers", "vllm",
             "bitsandbytes", "peft", "llmcompressor", "compressed-tensors", "git_commit",
             "hostname", "config_hash", "started")
-TABLES = ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
-          "status")
+TABLES = ("bench", "overhead", "memory", "validation", "noise_floor", "coverage", "quality",
+          "decode_profile", "status")
+BASE_VARIANTS = ("base", "lora-base")
+# checks of results written before checks had ids: those that concern the base model alone
+LEGACY_BASE_CHECKS = ("coverage", "agreement: base", "quantization", "quality")
 
 
 def _flat(prefix: str, stats: dict) -> dict:
     return {f"{prefix}_{k}": stats.get(k) for k in STAT_KEYS}
 
 
+def engine_setting(res: dict) -> dict:
+    """What the engine ran with, as recorded by the job (settings label, LoRA modules, slots,
+    W4A16 kernel, LoRA kernel configs)."""
+    info = res["metrics"].get("engine_info") or {}
+    kwargs = info.get("llm_kwargs") or {}
+    log = info.get("engine_log") or {}
+    modules = kwargs.get("lora_target_modules")
+    return {"setting": info.get("setting") or ((res.get("params") or {}).get("plan") or {})
+            .get("setting") or res["engine"],
+            "lora_modules": ",".join(modules) if modules else (
+                "all (vLLM default)" if kwargs.get("enable_lora") else None),
+            "max_loras": kwargs.get("max_loras"),
+            "w4a16_kernel": ",".join(log.get("w4a16_kernels") or []) or None,
+            "lora_kernel_configs": log.get("lora_kernel_configs")}
+
+
 def bench_rows(res: dict) -> list[dict]:
     rows = []
     key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
-           "mode": res["params"]["mode"]}
+           "mode": res["params"]["mode"], **engine_setting(res)}
     for run in res["metrics"].get("runs", []):
         row = {**key, "variant": run["variant"], "batch": run["batch"],
-               "status": run.get("status", "ok"), "reason": run.get("reason")}
-        for metric in ("ttft_s", "tpot_s", "e2e_s", "output_tok_s", "prefill_tok_s"):
+               "status": run.get("status", "ok"), "reason": run.get("reason"),
+               "iterations": run.get("iterations"),
+               "n_excluded_compile": run.get("excluded_compile", 0)}
+        for metric in BENCH_METRICS:
             if metric in run:
                 row.update(_flat(metric, run[metric]))
+        if "output_tok_s" in run and "e2e_tok_s" not in run:  # results before the split
+            row.update(_flat("e2e_tok_s", run["output_tok_s"]))
         for extra in ("bytes_per_step", "tpot_floor_s", "roofline_fraction"):
             row[extra] = run.get(extra)
         rows.append(row)
@@ -37,7 +67,8 @@ def bench_rows(res: dict) -> list[dict]:
 
 
 def overhead_rows(res: dict) -> list[dict]:
-    key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"]}
+    key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+           **engine_setting(res)}
     rows = []
     for o in res["metrics"].get("overhead", []):
         row = {**key, "batch": o["batch"], "variant": o["numerator"],
@@ -46,6 +77,18 @@ def overhead_rows(res: dict) -> list[dict]:
             row.update(_flat(metric, o[metric]))
         rows.append(row)
     return rows
+
+
+def _memory_parts(mem: dict, peak, weights: int, adapter: int, kv: int) -> dict:
+    if mem.get("engine_kv_cache_gib") is None:
+        return attribute(peak, 0, weights, adapter, kv)
+    # vLLM preallocates its KV-cache pool and captures CUDA graphs: the pool is reserved, not
+    # what the workload needs (kv_cache_bytes); both are reported, the pool apart
+    parts = {"weights": int((mem.get("engine_model_weights_gib") or 0) * 2**30),
+             "kv_cache_pool": int(mem["engine_kv_cache_gib"] * 2**30),
+             "cuda_graphs": int((mem.get("engine_cuda_graph_gib") or 0) * 2**30)}
+    parts["activations_and_other"] = max((peak or 0) - sum(parts.values()), 0)
+    return parts
 
 
 def bench_memory_rows(res: dict) -> list[dict]:
@@ -60,28 +103,20 @@ def bench_memory_rows(res: dict) -> list[dict]:
     context = max(r["prompt_tokens"] + r["output_tokens"] for r in runs) // batch
     weights = storage["total_bytes"] if storage else 0
     adapter = m.get("adapter_bytes", 0) if res["adapter"] != "none" else 0
-    kv = kv_cache_bytes(m["architecture"], batch, context)
-    if "torch_peak_allocated_bytes" in mem:
-        peak = mem["torch_peak_allocated_bytes"]
-    else:
-        peak = mem.get("nvml_device_used_bytes") or mem.get("peak_rss_bytes")
+    kv = kv_cache_bytes(m["architecture"], batch, context, m.get("kv_bytes_per_element", 2))
+    peak = mem.get("torch_peak_allocated_bytes") if "torch_peak_allocated_bytes" in mem \
+        else mem.get("nvml_device_used_bytes") or mem.get("peak_rss_bytes")
     row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
            "source": "bench sweep", "batch": batch, "peak_bytes": peak, "weight_bytes": weights,
-           "adapter_bytes": adapter, "kv_cache_bytes": kv}
+           "adapter_bytes": adapter, "lora_buffer_bytes": m.get("lora_buffer_bytes"),
+           "kv_cache_bytes": kv,
+           "kv_pool_reserved_bytes": int(mem["engine_kv_cache_gib"] * 2**30)
+           if mem.get("engine_kv_cache_gib") is not None else None}
     for key in ("engine_model_weights_gib", "engine_kv_cache_gib", "engine_cuda_graph_gib",
                 "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
         if mem.get(key) is not None:
             row[key] = mem[key]
-    if mem.get("engine_kv_cache_gib") is not None:
-        # vLLM preallocates its KV-cache pool and captures CUDA graphs: attribute the
-        # engine's own figures, not the workload's KV bytes
-        parts = {"weights": int((mem.get("engine_model_weights_gib") or 0) * 2**30),
-                 "kv_cache_pool": int(mem["engine_kv_cache_gib"] * 2**30),
-                 "cuda_graphs": int((mem.get("engine_cuda_graph_gib") or 0) * 2**30)}
-        parts["activations_and_other"] = max((peak or 0) - sum(parts.values()), 0)
-    else:
-        parts = attribute(peak, 0, weights, adapter, kv)
-    for part, value in parts.items():
+    for part, value in _memory_parts(mem, peak, weights, adapter, kv).items():
         row[f"part_{part}"] = value
     for dtype, value in ((storage or {}).get("bytes_by_dtype") or {}).items():
         row[f"dtype_{dtype}"] = value
@@ -135,7 +170,8 @@ def memory_rows(res: dict) -> list[dict]:
            "source": "profile_memory",
            "batch": m.get("batch"), "peak_bytes": m.get("peak_bytes"),
            "weight_bytes": m.get("weight_bytes"), "adapter_bytes": m.get("adapter_bytes"),
-           "kv_cache_bytes": m.get("kv_cache_bytes")}
+           "kv_cache_bytes": m.get("kv_cache_bytes"),
+           "process_baseline_bytes": (m.get("before_load") or {}).get("rss_bytes")}
     for part, value in (m.get("attribution") or {}).items():
         row[f"part_{part}"] = value
     for dtype, value in ((m.get("weight_storage") or {}).get("bytes_by_dtype") or {}).items():
@@ -143,10 +179,30 @@ def memory_rows(res: dict) -> list[dict]:
     return [row]
 
 
+def _legacy_check(c: dict) -> dict:
+    """Checks written before ids and scopes (e.g. the committed 2026-11-23 runs)."""
+    scope = "base" if c["check"].startswith(LEGACY_BASE_CHECKS) else "adapter"
+    return {"check_id": "legacy: " + c["check"], "scope": scope, "limit": c.get("threshold"),
+            "floor": None, "note": "", **c}
+
+
 def validation_rows(res: dict) -> list[dict]:
     key = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
            "adapter_kind": res["metrics"].get("adapter_kind")}
-    return [{**key, **c} for c in res["metrics"].get("checks", [])]
+    return [{**key, **(c if "check_id" in c else _legacy_check(c))}
+            for c in res["metrics"].get("checks", [])]
+
+
+def noise_floor_rows(res: dict) -> list[dict]:
+    rows = []
+    for scope, f in (res["metrics"].get("noise_floor") or {}).items():
+        rows.append({"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+                     "scope": scope, "compositions": len(f["compositions"]),
+                     "pairs": f["pairs"], "positions": f["positions"], "p50": f["p50"],
+                     "p99": f["p99"], "max": f["max"], "norm_max": f["norm_max"],
+                     "confident_flips": f["confident_flips"],
+                     "confident_compared": f["confident_compared"]})
+    return rows
 
 
 def coverage_rows(res: dict) -> list[dict]:
@@ -167,7 +223,8 @@ def quality_rows(res: dict) -> list[dict]:
              "synthetic": res["metrics"].get("synthetic"), **q,
              "base_top1": (a.get("base") or {}).get("top1_agreement"),
              "adapter_top1": (a.get("adapter") or {}).get("top1_agreement"),
-             "adapter_effect_rel_error": a.get("adapter_effect_rel_error"),
+             "adapter_effect_rel_error": a.get("adapter_effect_rel_error",
+                                               a.get("effect_rel_error")),
              "quant_top1_vs_original": (a.get("quantization") or {}).get("top1_agreement")}]
 
 
@@ -183,13 +240,32 @@ def missing_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
-def main(inputs: list[str], outdir: str, missing: list[str] | None = None
-         ) -> dict[str, pd.DataFrame]:
+def gate(bench: pd.DataFrame, validation: pd.DataFrame) -> list[str]:
+    """The verdict each speed row carries: PASS / FAIL / unvalidated."""
+    if bench.empty:
+        return []
+    full, base = {}, {}
+    for (model, engine, adapter), g in validation.groupby(["model", "engine", "adapter"]) \
+            if not validation.empty else []:
+        failed = g["verdict"] == "FAIL"
+        full[(model, engine, adapter)] = "FAIL" if failed.any() else "PASS"
+        base_failed = (failed & (g["scope"] == "base")).any()
+        base[(model, engine)] = "FAIL" if base_failed or base.get((model, engine)) == "FAIL" \
+            else "PASS"
+
+    def one(r) -> str:
+        got = base.get((r.model, r.engine)) if r.variant in BASE_VARIANTS \
+            else full.get((r.model, r.engine, r.adapter))
+        return got or "unvalidated"
+    return [one(r) for r in bench.itertuples()]
+
+
+def collect(inputs: list[str], missing: list[str]) -> dict[str, list]:
     tables = {name: [] for name in TABLES}
-    tables["status"] += missing_rows(missing or [])
+    tables["status"] += missing_rows(missing)
     bench_memory = []
     for path in sorted(inputs):
-        res = read_json(path)
+        res = read_result(path)
         tables["status"].append({"kind": res["kind"], "model": res["model"],
                                  "engine": res["engine"], "adapter": res["adapter"],
                                  "status": res["status"], "reason": res.get("reason"),
@@ -201,37 +277,37 @@ def main(inputs: list[str], outdir: str, missing: list[str] | None = None
             tables["bench"] += bench_rows(res)
             tables["overhead"] += overhead_rows(res)
             tables["decode_profile"] += decode_profile_rows(res)
-            bench_memory.append(bench_memory_rows(res))
+            bench_memory += bench_memory_rows(res)
         elif res["kind"] == "memory":
             tables["memory"] += memory_rows(res)
         elif res["kind"] == "validate":
             tables["validation"] += validation_rows(res)
+            tables["noise_floor"] += noise_floor_rows(res)
             tables["quality"] += quality_rows(res)
             tables["coverage"] += coverage_rows(res)
     # coverage does not depend on the adapter: one row set per (model, engine)
-    seen, unique = set(), []
-    for row in tables["coverage"]:
-        key = (row["model"], row["engine"], row["family"])
-        if key not in seen:
-            seen.add(key)
-            unique.append(row)
-    tables["coverage"] = unique
+    seen = set()
+    tables["coverage"] = [r for r in tables["coverage"] if not (
+        (r["model"], r["engine"], r["family"]) in seen
+        or seen.add((r["model"], r["engine"], r["family"])))]
     profiled = {(r["model"], r["engine"], r["adapter"]) for r in tables["memory"]}
-    tables["memory"] += [r for rows in bench_memory for r in rows
+    tables["memory"] += [r for r in bench_memory
                          if (r["model"], r["engine"], r["adapter"]) not in profiled]
+    return tables
+
+
+def main(inputs: list[str], outdir: str, missing: list[str] | None = None
+         ) -> dict[str, pd.DataFrame]:
+    frames = {name: pd.DataFrame(rows) for name, rows in collect(inputs, missing or []).items()}
+    for name in ("bench", "overhead"):
+        if not frames[name].empty:
+            frames[name]["validated"] = gate(frames[name], frames["validation"])
     Path(outdir).mkdir(parents=True, exist_ok=True)
-    frames = {}
-    for name, rows in tables.items():
-        df = pd.DataFrame(rows)
-        tmp = Path(outdir) / f".{name}.csv.tmp"
-        df.to_csv(tmp, index=False)
-        tmp.replace(Path(outdir) / f"{name}.csv")
-        frames[name] = df
+    for name, df in frames.items():
+        write_text_atomic(Path(outdir) / f"{name}.csv", df.to_csv(index=False))
     return frames
 
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821
-    smk.run(sm, main, inputs=list(sm.input), outdir=sm.params.outdir,
-            missing=list(sm.params.missing))
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

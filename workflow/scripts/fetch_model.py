@@ -54,7 +54,4 @@ def main(model: str, spec: dict, cache_dir: str, output: str, device: str = "cpu
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821 (injected by Snakemake)
-    smk.run(sm, main, model=sm.wildcards.model, spec=sm.params.spec,
-            cache_dir=sm.params.cache_dir, output=sm.output[0], device=sm.params.device,
-            config=sm.config)
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -103,7 +103,4 @@ def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, 
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821
-    smk.run(sm, main, model=sm.wildcards.model, adapter=sm.wildcards.adapter,
-            spec=sm.params.spec, model_json=sm.input.model, cache_dir=sm.params.cache_dir,
-            output=sm.output[0], config=sm.config)
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

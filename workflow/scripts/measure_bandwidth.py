@@ -48,6 +48,4 @@ def main(device: str, output: str, size_mib: int = 256, repeats: int = 20,
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821
-    smk.run(sm, main, device=sm.params.device, output=sm.output[0],
-            size_mib=sm.params.size_mib, config=sm.config)
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -171,7 +171,7 @@ def main(tables: str, outdir: str) -> list[str]:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     bench = _read(tables, "bench")
-    decode_throughput(bench, out / "decode_throughput.png", "output_tok_s",
+    decode_throughput(bench, out / "decode_throughput.png", "e2e_tok_s",
                       "output tokens/s (median ± std)", "Decode throughput vs batch")
     decode_throughput(bench, out / "ttft.png", "ttft_s", "TTFT s (median ± std)",
                       "Time to first token vs batch")
@@ -184,5 +184,4 @@ def main(tables: str, outdir: str) -> list[str]:
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821
-    smk.run(sm, main, tables=sm.params.tables, outdir=sm.params.outdir)
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -142,7 +142,4 @@ def main(model: str, engine: str, engine_cfg: dict, model_json: str, cache_dir: 
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821
-    smk.run(sm, main, model=sm.wildcards.model, engine=sm.wildcards.engine,
-            engine_cfg=sm.params.engine_cfg, model_json=sm.input.model,
-            cache_dir=sm.params.cache_dir, output=sm.output[0], config=sm.config)
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

@@ -68,7 +68,8 @@ def verdicts(validation: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, engine, adapter), g in validation.groupby(["model", "engine", "adapter"]):
         failed = g[g["verdict"] == "FAIL"]["check"].tolist()
-        base_failed = [c for c in failed if c.startswith(BASE_CHECKS)]
+        base_failed = g[(g["verdict"] == "FAIL") & (g["scope"] == "base")]["check"].tolist() \
+            if "scope" in g else [c for c in failed if c.startswith(BASE_CHECKS)]
         rows.append({"model": model, "engine": engine, "adapter": adapter,
                      "verdict": "FAIL" if failed else "PASS",
                      "base_verdict": "FAIL" if base_failed else "PASS",
@@ -177,13 +178,14 @@ def build_markdown(tables: Path, figures: Path, preset: str, description: str,
     bench, overhead = _read(tables, "bench"), _read(tables, "overhead")
     validation, status = _read(tables, "validation"), _read(tables, "status")
     verdict = verdicts(validation)
-    bench = mark_speed_rows(bench, verdict)
+    if "validated" not in bench:
+        bench = mark_speed_rows(bench, verdict)
     failing = status[status["status"] != "ok"] if not status.empty else status
     parts = [f"# int4-lora-bench validation report: `{preset}`\n", description + "\n",
              "## Verdicts (correctness gates every speed number)\n", md_table(verdict),
              "### Checks\n", md_table(validation, ["model", "engine", "adapter", "adapter_kind",
-                                                    "check", "value", "op", "threshold",
-                                                    "verdict", "reason"]),
+                                                    "check", "value", "op", "limit", "floor",
+                                                    "verdict", "reason", "note"]),
              "## Configurations that did not run\n",
              md_table(failing, ["kind", "model", "engine", "adapter", "status", "reason"]),
              "## Source reports side by side (LoRA decode overhead, batch 1)\n",
@@ -195,7 +197,7 @@ def build_markdown(tables: Path, figures: Path, preset: str, description: str,
              md_table(bench, ["model", "engine", "adapter", "variant", "batch", "status",
                               "ttft_s_median", "ttft_s_p90", "ttft_s_p99", "tpot_s_median",
                               "tpot_s_p90", "tpot_s_p99", "tpot_s_std", "tpot_s_n",
-                              "output_tok_s_median", "prefill_tok_s_median",
+                              "decode_tok_s_median", "e2e_tok_s_median", "prefill_tok_s_median",
                               "roofline_fraction", "validated"]),
              "## LoRA overhead (paired ratios against base requests on the same engine)\n",
              md_table(overhead, ["model", "engine", "adapter", "variant", "against", "batch",
@@ -242,9 +244,4 @@ def main(tables: str, figures: str, out_md: str, out_html: str, preset: str,
 
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    sm = snakemake  # noqa: F821
-    smk.run(sm, main, tables=sm.params.tables, figures=sm.params.figures,
-            out_md=sm.output.md, out_html=sm.output.html, preset=sm.config["preset"],
-            description=sm.config.get("description", ""),
-            sources=sm.config.get("source_reports", []), models=sm.config["models"],
-            engines=sm.config["engines"])
+    smk.run(snakemake, main)  # noqa: F821 (injected by Snakemake)

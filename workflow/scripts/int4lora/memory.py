@@ -46,6 +46,15 @@ def nvml_memory() -> dict:
         return {}
 
 
+def kv_element_bytes(cfg) -> int:
+    """Bytes per KV-cache element an engine stores: HF keeps K/V in its compute dtype; vLLM in the
+    model dtype (bf16) unless settings.kv_cache_dtype asks for fp8."""
+    if cfg.backend == "hf":
+        return {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.compute_dtype]
+    kv_dtype = str(cfg.settings.get("kv_cache_dtype") or "auto")
+    return 1 if kv_dtype.startswith("fp8") else 2
+
+
 def kv_cache_bytes(arch: dict, batch: int, tokens: int, bytes_per_element: int = 2) -> int:
     """K and V for every layer, KV head and token of a batch."""
     heads = arch.get("num_key_value_heads") or arch["num_attention_heads"]

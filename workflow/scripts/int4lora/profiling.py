@@ -312,3 +312,26 @@ def format_summary(summary: dict, top: int = 15) -> str:
         lines.append(f"  {k['share'] * 100:6.2f}%  {k['total_us']:12.1f} us  {k['calls']:6d}x  "
                      f"[{k['class']}] {k['name'][:140]}")
     return "\n".join(lines)
+
+
+# what bench.py keeps of a profile (the rest stays in profile_summary.json beside the trace)
+PROFILE_KEYS = ("by_step_kind", "by_class", "kernels", "total_gpu_us", "gpu_span_us",
+                "decode_step_us", "tpot_s_median", "unattributed_us")
+
+
+def decode_profile_summary(trace: str | Path, *, new_tokens: int, timing, adapters: list,
+                           top: int = 25, **extra) -> dict:
+    """One profiled fixed-length generate call -> the summary both engines return: the trace's
+    kernels (summarize_trace over new_tokens - 1 decode steps; the first token comes from the
+    prefill step) and the call's own timing (which the profiler slows: never a result)."""
+    from statistics import median
+
+    summary = summarize_trace(str(trace), top=top, steps=new_tokens - 1)
+    summary.update({
+        "decode_steps": new_tokens - 1, "max_new_tokens": new_tokens,
+        "batch_size": len(adapters), "adapters": list(adapters),
+        "e2e_s": timing.e2e_s if timing else None,
+        "tpot_s_median": median(timing.tpot_s) if timing and timing.tpot_s else None,
+        "ttft_s_median": median(timing.ttft_s) if timing and timing.ttft_s else None,
+        **extra})
+    return summary

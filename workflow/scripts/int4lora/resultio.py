@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = "bench/v1"
+SCHEMA_VERSION = "bench/v2"
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 PACKAGES = ("torch", "transformers", "vllm", "bitsandbytes", "peft", "llmcompressor",
             "compressed-tensors", "accelerate", "snakemake")
@@ -97,18 +97,25 @@ def new_result(kind: str, model: str | None, engine: str | None = None,
             "metrics": {}, "samples": [], "env": {}}
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temp file beside `path` and rename it into place: a crash never leaves a
+    half-written file that Snakemake would take as done. World-readable like any plain file
+    (mkstemp would make it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
-            fh.write("\n")
+            fh.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(obj):
@@ -127,7 +134,23 @@ def write_result(path, result: dict, config: dict | None = None, started: float 
 
 
 def read_json(path) -> dict:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); delete it and rerun the rule that "
+                         f"writes it") from None
+
+
+def read_result(path) -> dict:
+    """A result JSON, checked against the result schema; errors name the file and the remedy."""
+    import jsonschema
+    result = read_json(path)
+    try:
+        validate_result(result)
+    except jsonschema.ValidationError as exc:
+        raise ValueError(f"{path}: not a valid result ({exc.message}); delete it and rerun the "
+                         f"rule that writes it") from None
+    return result
 
 
 class ExpectedFailure(Exception):

@@ -1,47 +1,53 @@
-"""The thin bridge between a rule's `snakemake` object and a script's `main()`."""
+"""The thin bridge between a rule's `snakemake` object and a script's `main()`.
+
+`run(snakemake, main)` calls main with the arguments it names, looked up by name among the rule's
+params, named inputs, named outputs and wildcards (in that order); besides these, `output` is the
+rule's only output, `inputs` the list of all inputs, `log_path` its log and `config` the whole
+config. A name found nowhere is an error naming it, so rules and scripts cannot drift apart.
+"""
 from __future__ import annotations
 
-import os
-import sys
+import inspect
 import traceback
-from contextlib import contextmanager, suppress
+
+from .logcapture import fd_redirect
+
+MISSING = object()
 
 
-@contextmanager
-def fd_redirect(log_path: str | None):
-    """Send fds 1 and 2 (this process and its children, e.g. vLLM's engine core) to the log,
-    appending; restore them afterwards."""
-    if not log_path:
-        yield
-        return
-    _flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        yield
-    finally:
-        _flush()
-        for fd, old in saved.items():
-            os.dup2(old, fd)
-            os.close(old)
-        os.close(log_fd)
+def _lookup(snakemake, name: str):
+    for source in (snakemake.params, snakemake.input, snakemake.output, snakemake.wildcards):
+        if name in source.keys():
+            return getattr(source, name)
+    special = {"output": lambda: snakemake.output[0], "inputs": lambda: list(snakemake.input),
+               "log_path": lambda: snakemake.log[0] if len(snakemake.log) else None,
+               "config": lambda: snakemake.config}
+    if name in special:
+        return special[name]()
+    return MISSING
 
 
-def _flush():
-    for stream in (sys.stdout, sys.stderr):
-        with suppress(Exception):
-            stream.flush()
+def bind(snakemake, main) -> dict:
+    kwargs, missing = {}, []
+    for name, param in inspect.signature(main).parameters.items():
+        value = _lookup(snakemake, name)
+        if value is not MISSING:
+            kwargs[name] = value
+        elif param.default is inspect.Parameter.empty:
+            missing.append(name)
+    if missing:
+        raise TypeError(f"rule {snakemake.rule}: no param/input/output/wildcard named "
+                        f"{', '.join(missing)} for {main.__module__}.main()")
+    return kwargs
 
 
-def run(snakemake, main, **kwargs):
+def run(snakemake, main):
     from . import resultio
     resultio.RECORD_ERRORS = bool(snakemake.config.get("record_errors", False))
     log = snakemake.log[0] if len(snakemake.log) else None
     with fd_redirect(log):
         try:
-            return main(**kwargs)
+            return main(**bind(snakemake, main))
         except BaseException:
             traceback.print_exc()  # into the rule's log, where users look first
             raise

@@ -6,6 +6,7 @@ Runs on the CPU (tests, demo) and on CUDA. Two decode modes: plain `generate` an
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .base import BatchTiming, ScoredSequence
@@ -69,6 +70,17 @@ def attach_adapters(model, adapters: dict[str, str]):
 
 
 class HfEngine:
+    name = "hf"
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, *, device: str, adapters: dict | None = None):
+        """The engine a typed HfEngineConfig describes (static-compile: see check_compilable)."""
+        engine = cls(model_path, quantization=cfg.quantization, compute_dtype=cfg.compute_dtype,
+                     device=device, adapters=adapters, mode=cfg.mode,
+                     quantize_experts=cfg.quantize_experts)
+        engine.setting = cfg.label()
+        return engine
+
     def __init__(self, model_path: str, *, quantization: str = "nf4",
                  compute_dtype: str = "bfloat16", device: str = "cpu",
                  adapters: dict[str, str] | None = None, mode: str = "generate",
@@ -91,6 +103,16 @@ class HfEngine:
         self.model.eval()
         self.load_s = time.perf_counter() - load_start
         self.pad_id = self._pad_id()
+        self.setting = None
+        self.adapter_dirs = dict(adapters or {})
+        from ..compilewatch import CompileWatch
+        self._watch = CompileWatch(extra=_dynamo_graphs)
+        if mode == "static-compile":
+            check_compilable(self.lm())
+
+    def lm(self):
+        """The transformers model under any PEFT wrapper."""
+        return self.model.get_base_model() if self.adapter_names else self.model
 
     def _pad_id(self) -> int:
         cfg = self.model.config
@@ -152,62 +174,40 @@ class HfEngine:
         n = len(prompts)
         return BatchTiming(e2e_s=end - start, ttft_s=[ttft] * n, tpot_s=[tpot] * n,
                            prompt_tokens=int(ids.numel()), output_tokens=int(new.numel()),
-                           output_token_ids=new.tolist())
+                           output_token_ids=new.tolist(), ttft_engine_s=[ttft] * n)
 
     def profile_decode(self, prompts: list[list[int]], max_new_tokens: int,
                        adapters: list[str | None], out_dir: str, *, top: int = 25) -> dict:
-        """Torch-profile one fixed-length generate call; summarise its GPU kernels.
+        """Torch-profile one fixed-length generate call; summarise its GPU kernels with
+        int4lora.profiling.decode_profile_summary (the trace is summarised, then deleted).
 
         Every forward call of the causal LM runs under a record_function named like vLLM's
         per-step annotation (``execute_context_<n>(<tokens>)_generation_0(0)`` for the prompt,
-        ``execute_context_0(0)_generation_<n>(<n>)`` for a decode step), so
-        int4lora.profiling.summarize_trace attributes kernels to decode steps for both engines.
-        The trace is summarised and deleted; the summary is returned.
+        ``execute_context_0(0)_generation_<n>(<n>)`` for a decode step), so kernels are
+        attributed to decode steps the same way for both engines.
         """
         import torch
-        from torch.profiler import ProfilerActivity, profile, record_function
+        from torch.profiler import ProfilerActivity, profile
 
-        from ..profiling import summarize_trace
+        from ..profiling import decode_profile_summary
 
         n = int(max_new_tokens)
         if n < 2:
             raise ValueError("max_new_tokens must be >= 2 to profile decode steps")
-        lm = self.model.get_base_model() if self.adapter_names else self.model
-        open_ranges = []
-
-        def before(_module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            rows, cols = (tuple(ids.shape) if ids is not None else (len(prompts), 1))
-            name = (f"execute_context_{rows}({rows * cols})_generation_0(0)" if cols > 1
-                    else f"execute_context_0(0)_generation_{rows}({rows})")
-            rf = record_function(name)
-            rf.__enter__()
-            open_ranges.append(rf)
-
-        def after(_module, _args, _kwargs, _output):
-            open_ranges.pop().__exit__(None, None, None)
-
-        hooks = [lm.register_forward_pre_hook(before, with_kwargs=True),
-                 lm.register_forward_hook(after, with_kwargs=True)]
         activities = [ProfilerActivity.CPU]
         if self.device.startswith("cuda"):
             activities.append(ProfilerActivity.CUDA)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         trace = out / "hf_decode.pt.trace.json"
-        try:
+        with _step_annotations(self.lm(), len(prompts)):
             with profile(activities=activities) as prof:
                 timing = self.generate(prompts, n, adapters)
             prof.export_chrome_trace(str(trace))
-        finally:
-            for h in hooks:
-                h.remove()
-        summary = summarize_trace(str(trace), top=top, steps=n - 1)
+        summary = decode_profile_summary(trace, new_tokens=n, timing=timing,
+                                         adapters=list(adapters), top=top,
+                                         torch=torch.__version__)
         trace.unlink()
-        summary.update({"decode_steps": n - 1, "max_new_tokens": n, "batch_size": len(prompts),
-                        "adapters": list(adapters), "e2e_s": timing.e2e_s,
-                        "tpot_s_median": timing.tpot_s[0], "ttft_s_median": timing.ttft_s[0],
-                        "torch": torch.__version__})
         return summary
 
     def greedy(self, prompts, max_new_tokens, adapters) -> list[list[int]]:
@@ -234,13 +234,39 @@ class HfEngine:
     def weight_storage(self) -> dict:
         from ..coverage import from_loaded_model
         from ..nf4_experts import weight_storage_report
-        base = self.model.get_base_model() if self.adapter_names else self.model
-        return from_loaded_model(weight_storage_report(base))
+        return from_loaded_model(weight_storage_report(self.lm()))
+
+    def compile_events(self) -> int:
+        return self._watch.count()
+
+    def adapter_report(self) -> dict:
+        """Which tensors of each adapter file reached the PEFT model (the rest matched nothing)."""
+        from safetensors import safe_open
+
+        from ..applied import peft_unapplied_tensors
+        report = {}
+        for name, path in self.adapter_dirs.items():
+            unmatched = peft_unapplied_tensors(self.model, name, path)
+            with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as fh:
+                names = sorted(fh.keys())
+            report[name] = {"applied": [n for n in names if n not in unmatched],
+                            "unmatched": unmatched}
+        return report
 
     def info(self) -> dict:
         import transformers
-        return {"backend": "hf", **self.settings, "load_s": self.load_s,
+        return {"backend": "hf", **self.settings, "setting": self.setting, "load_s": self.load_s,
                 "transformers": transformers.__version__, "adapters": self.adapter_names}
+
+    @staticmethod
+    def reference(model_path: str, quant_path: str, adapters: dict, device: str,
+                  quantize_experts: bool = True):
+        """fp32 model holding this engine's own NF4 weights, dequantized, with PEFT on top."""
+        from ..reference import dequantize_bnb_model
+        quantized = load_model(model_path, quantization="nf4", compute_dtype="float32",
+                               device=device, quantize_experts=quantize_experts)
+        return HfEngine(model_path, quantization="none", compute_dtype="float32", device=device,
+                        adapters=adapters, model=dequantize_bnb_model(quantized))
 
     def memory(self) -> dict:
         from ..memory import process_memory
@@ -255,3 +281,49 @@ class HfEngine:
             torch.cuda.empty_cache()
 
 
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has built in this process (0 when dynamo was never imported)."""
+    import sys
+    counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
+    return int(counters["stats"]["unique_graphs"]) if counters is not None else 0
+
+
+def check_compilable(lm) -> None:
+    """static-compile relies on transformers compiling the decode step inside generate; it does
+    that only where the model's quantizer says it can be compiled. Refuse instead of timing an
+    eager run under a compiled label."""
+    from ..resultio import ExpectedFailure
+    quantizer = getattr(lm, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        raise ExpectedFailure(
+            "unsupported", f"static-compile: transformers does not compile models quantized by "
+            f"{type(quantizer).__name__} (is_compileable is False), so generate would run "
+            "eager with a static cache; not timed under a compiled label")
+
+
+@contextmanager
+def _step_annotations(lm, batch: int):
+    """record_function ranges around every forward call, named like vLLM's step annotations."""
+    from torch.profiler import record_function
+
+    open_ranges = []
+
+    def before(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rows, cols = (tuple(ids.shape) if ids is not None else (batch, 1))
+        name = (f"execute_context_{rows}({rows * cols})_generation_0(0)" if cols > 1
+                else f"execute_context_0(0)_generation_{rows}({rows})")
+        rf = record_function(name)
+        rf.__enter__()
+        open_ranges.append(rf)
+
+    def after(_module, _args, _kwargs, _output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    hooks = [lm.register_forward_pre_hook(before, with_kwargs=True),
+             lm.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
