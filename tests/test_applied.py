@@ -7,7 +7,9 @@ real engine is exercised on the GPU by the lead.
 """
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -283,3 +285,40 @@ def test_vllm_adapter_report_needs_serialization_env(monkeypatch):
     assert llm.calls == []
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core
     assert applied.vllm_adapter_report(llm) == {}
+
+
+VLLM_SRC = Path(os.environ.get("VLLM_SRC", "/work/ref/vllm-src/vllm"))
+
+
+@pytest.mark.skipif(not (VLLM_SRC / "lora" / "model_manager.py").is_file(),
+                    reason="vLLM 0.26 source tree not available")
+def test_stand_ins_match_the_vllm_source():
+    """Every attribute and class name the worker function reads exists in vLLM 0.26."""
+    src = {p: (VLLM_SRC / p).read_text() for p in (
+        "lora/model_manager.py", "lora/worker_manager.py", "lora/lora_model.py",
+        "v1/worker/lora_model_runner_mixin.py", "lora/layers/fused_moe.py",
+        "lora/layers/base_linear.py", "lora/layers/column_parallel_linear.py",
+        "lora/layers/row_parallel_linear.py", "v1/worker/gpu_worker.py")}
+    needles = {
+        "lora/model_manager.py": ["self.lora_index_to_id: list[int | None]",
+                                  "self.modules: dict[str, BaseLayerWithLoRA] = {}",
+                                  "self.packed_modules: dict[str, list[str]] = {}",
+                                  "def list_adapters(self) -> dict[int, LoRAModel]:",
+                                  "self._enable_mixed_moe_lora_format = ("],
+        "lora/worker_manager.py": ["self._adapter_manager = lora_manager"],
+        "lora/lora_model.py": ["self.loras: dict[str, LoRALayerWeights] = loras",
+                               "self.is_3d_lora_weight = is_3d_lora_weight"],
+        "v1/worker/lora_model_runner_mixin.py": ["self.lora_manager = LRUCacheWorkerLoRAManager("],
+        "v1/worker/gpu_worker.py": ["return self.model_runner.add_lora(lora_request)"],
+        "lora/layers/fused_moe.py": ["class FusedMoEWithLoRA(BaseLayerWithLoRA):",
+                                     "class FusedMoE3DWithLoRA(FusedMoEWithLoRA):",
+                                     "self.w13_lora_b_stacked: tuple[torch.Tensor, ...]",
+                                     "self.w2_lora_b_stacked: tuple[torch.Tensor, ...]"],
+        "lora/layers/base_linear.py": ["self.lora_b_stacked = tuple("],
+        "lora/layers/column_parallel_linear.py": [
+            "class MergedQKVParallelLinearWithLoRA(MergedColumnParallelLinearWithLoRA):"],
+        "lora/layers/row_parallel_linear.py": [
+            "class RowParallelLinearWithLoRA(BaseLinearLayerWithLoRA):"],
+    }
+    missing = [(p, n) for p, ns in needles.items() for n in ns if n not in src[p]]
+    assert missing == []

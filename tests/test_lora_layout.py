@@ -3,7 +3,10 @@ create_lora_weights shapes) and the PEFT 3D expert adapter -> vLLM per-expert co
 checked expert by expert against PEFT's own get_delta_weight on tiny real MoE models."""
 from __future__ import annotations
 
+import ast
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +49,19 @@ def test_engine_args_expert_and_mixed_adapters():
     mlp = {"rank": 8, "target_modules": ["o_proj", "gate_proj", "up_proj", "down_proj"]}
     assert ll.vllm_lora_engine_args([mlp], "llama", slots=1)["lora_target_modules"] == \
         ["down_proj", "gate_up_proj", "o_proj"]
+
+
+def test_engine_args_from_make_adapter_metrics():
+    """make_adapter's metrics carry "targets" (tensor module suffixes) and no target_modules."""
+    qv = {"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"], "target_parameters": []}
+    experts = {"rank": 8, "alpha": 16, "targets": ["experts"],
+               "target_parameters": EXPERTS["target_parameters"]}
+    assert ll.vllm_lora_engine_args([qv], "llama", slots=2)["lora_target_modules"] == \
+        ["qkv_proj"]
+    assert ll.vllm_lora_engine_args([experts, qv], "mixtral", slots=1)["lora_target_modules"] \
+        == ["experts", "qkv_proj"]
+    with pytest.raises(ValueError, match="'experts'"):
+        ll.vllm_lora_engine_args([dict(qv, targets=["experts"])], "llama", slots=1)
 
 
 @pytest.mark.parametrize("adapters,model_type,slots,match", [
@@ -187,7 +203,10 @@ def test_converted_experts_match_peft_delta(tmp_path, model_type):
     summary = ll.convert_expert_adapter_for_vllm(tmp_path / "peft", tmp_path / "vllm",
                                                  model_type=model_type, num_experts=4)
     out = load(tmp_path / "vllm")
-    layout = ll.EXPERT_LAYOUTS[model_type]
+    # vLLM 0.26: Mixtral's MoE is block_sparse_moe.experts with ckpt_names (w1, w2, w3) =
+    # (gate, down, up); Qwen MoE keeps mlp.experts and gate/down/up_proj
+    block, gate, up, down = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2")}.get(
+        model_type, ("mlp.experts", "gate_proj", "up_proj", "down_proj"))
     checked = 0
     for layer in range(2):
         experts = peft_model.base_model.model.model.layers[layer].mlp.experts
@@ -197,12 +216,12 @@ def test_converted_experts_match_peft_delta(tmp_path, model_type):
         d_gate_up = experts.base_layer.get_delta_weight("default")  # [E, 2I, H]
         assert d_down.abs().min() > 0 and d_gate_up.abs().min() > 0  # non-zero everywhere
         for e in range(4):
-            base = f"base_model.model.model.layers.{layer}.{layout.vllm_block}.{e}"
-            torch.testing.assert_close(vllm_delta(out, f"{base}.{layout.gate}"),
+            base = f"base_model.model.model.layers.{layer}.{block}.{e}"
+            torch.testing.assert_close(vllm_delta(out, f"{base}.{gate}"),
                                        d_gate_up[e, :24].float())
-            torch.testing.assert_close(vllm_delta(out, f"{base}.{layout.up}"),
+            torch.testing.assert_close(vllm_delta(out, f"{base}.{up}"),
                                        d_gate_up[e, 24:].float())
-            torch.testing.assert_close(vllm_delta(out, f"{base}.{layout.down}"),
+            torch.testing.assert_close(vllm_delta(out, f"{base}.{down}"),
                                        d_down[e].float())
             checked += 3
     assert checked == 2 * 4 * 3
@@ -291,3 +310,69 @@ def test_conversion_rejects_unknown_expert_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"experts\.3\.w1"):
         ll.convert_expert_adapter_for_vllm(tmp_path / "peft", tmp_path / "vllm",
                                            model_type="mixtral", num_experts=4)
+
+
+# --------------------------------------------------------------------------- through vLLM's code
+# Where the vLLM 0.26.0 source tree is at hand (VLLM_SRC, default /work/ref/vllm-src/vllm), run
+# the converted adapter through vLLM's own name parsing, target matching, pack_moe and
+# optimize() (the functions are compiled from that tree, vllm imports stubbed).
+
+VLLM_SRC = Path(os.environ.get("VLLM_SRC", "/work/ref/vllm-src/vllm"))
+needs_vllm_src = pytest.mark.skipif(not (VLLM_SRC / "lora" / "lora_weights.py").is_file(),
+                                    reason="vLLM 0.26 source tree not available")
+
+
+def vllm_namespace(relpath: str, keep: set[str] | None = None, **stubs) -> dict:
+    """Compile a vLLM source file without its vllm imports (keep: only these top-level defs)."""
+    tree = ast.parse((VLLM_SRC / relpath).read_text())
+    body = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm"):
+            continue
+        if keep is not None and isinstance(node, (ast.FunctionDef, ast.ClassDef)) \
+                and node.name not in keep:
+            continue
+        if keep is not None and not isinstance(node, (ast.FunctionDef, ast.ClassDef,
+                                                      ast.Import, ast.ImportFrom)):
+            continue
+        body.append(node)
+    namespace = dict(stubs)
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(relpath), "exec"), namespace)
+    return namespace
+
+
+@needs_vllm_src
+def test_converted_mixtral_adapter_through_vllm_code(tmp_path):
+    import re as regex_module
+
+    import torch
+    weights = vllm_namespace("lora/lora_weights.py", PEFTHelper=object, PIN_MEMORY=False)
+    utils = vllm_namespace("lora/utils.py", keep={"parse_fine_tuned_lora_name",
+                                                  "is_in_target_modules"}, re=regex_module)
+    peft_model = make_peft_adapter("mixtral", tmp_path / "peft")
+    ll.convert_expert_adapter_for_vllm(tmp_path / "peft", tmp_path / "vllm",
+                                       model_type="mixtral", num_experts=4)
+    loras = {}  # LoRAModel.from_lora_tensors, lora/lora_model.py
+    for name, tensor in load(tmp_path / "vllm").items():
+        module, is_a = utils["parse_fine_tuned_lora_name"](name, None)
+        w = loras.setdefault(module, weights["LoRALayerWeights"](module, R, ALPHA, None, None))
+        setattr(w, "lora_a" if is_a else "lora_b", tensor.float())
+    for layer in range(2):
+        moe = f"model.layers.{layer}.block_sparse_moe.experts"
+        assert utils["is_in_target_modules"](moe, ["experts"], {"experts": []})
+        # packed children in build_expert_params_mapping order: per expert w1, w2, w3
+        children = [f"{moe}.{e}.{w}" for e in range(4) for w in ("w1", "w2", "w3")]
+        packed = weights["PackedLoRALayerWeights"].pack_moe([loras.pop(c) for c in children],
+                                                            moe).optimize()
+        (a1, a2, a3), (b1, b2, b3) = packed.lora_a, packed.lora_b
+        experts = peft_model.base_model.model.model.layers[layer].mlp.experts
+        d_down = experts.get_delta_weight("default").float()
+        d_gate_up = experts.base_layer.get_delta_weight("default").float()
+        torch.testing.assert_close(torch.bmm(b1, a1), d_gate_up[:, :24])  # w1 = gate
+        torch.testing.assert_close(torch.bmm(b3, a3), d_gate_up[:, 24:])  # w3 = up
+        torch.testing.assert_close(torch.bmm(b2, a2), d_down)
+    assert set(loras) == {f"model.layers.{i}.self_attn.{p}" for i in range(2)
+                          for p in ("q_proj", "v_proj")}
+    assert all(utils["is_in_target_modules"](m, ["qkv_proj"], {"qkv_proj": ["q_proj", "k_proj",
+                                                                            "v_proj"]})
+               for m in loras)

@@ -61,12 +61,20 @@ def smallest_vllm_rank(rank: int) -> int:
 
 
 def vllm_target_modules(adapter: dict, model_type: str) -> set[str]:
-    """vLLM module suffixes that must be LoRA-wrapped for one adapter on this architecture."""
+    """vLLM module suffixes that must be LoRA-wrapped for one adapter on this architecture
+    (from target_modules / target_parameters, else make_adapter's "targets")."""
     if model_type not in MOE_MODEL_TYPES | DENSE_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r}: no vLLM LoRA module map (known: "
                          f"{', '.join(sorted(MOE_MODEL_TYPES | DENSE_MODEL_TYPES))})")
     modules = set()
-    for name in adapter.get("target_modules") or []:
+    names = list(adapter.get("target_modules") or [])
+    if not names and not adapter.get("target_parameters"):
+        # make_adapter's metrics: "targets" = module suffixes of the tensors ("experts")
+        names = list(adapter.get("targets") or [])
+    for name in names:
+        if name == VLLM_MOE_MODULE and model_type in MOE_MODEL_TYPES:
+            modules.add(VLLM_MOE_MODULE)
+            continue
         mapped = PEFT_TO_VLLM_MODULE.get(name)
         if mapped is None:
             raise ValueError(f"adapter target_modules entry {name!r} has no vLLM module "
