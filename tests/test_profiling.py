@@ -237,7 +237,8 @@ def test_summarize_trace_no_annotations_bare_list_and_empty(tmp_path):
 
 def test_profiling_off_by_default_kwargs_unchanged():
     assert ve.profiler_config(None) is None and ve.profiler_config("") is None
-    kw = ve.build_llm_kwargs("/m", {"seed": 1}, lora={"rank": 16, "slots": 1},
+    kw = ve.build_llm_kwargs("/m", {"seed": 1}, lora={"rank": 16, "slots": 1,
+                                                      "target_modules": ["q_proj"]},
                              quantization=None)
     assert "profiler_config" not in kw
     assert not any("PROFILER" in k for k in ve.kernel_env("machete", None))
@@ -256,6 +257,14 @@ def test_profile_dir_gives_torch_profiler_config(tmp_path, monkeypatch):
     # other keys unchanged by profiling
     base = ve.build_llm_kwargs("/m", {}, lora=None, quantization=None)
     assert {k: v for k, v in kw.items() if k != "profiler_config"} == base
+
+
+def _model_dir(tmp_path):
+    """A checkpoint folder as far as the engine reads it before vLLM does: its config.json."""
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text('{"model_type": "mistral"}')
+    return str(d)
 
 
 # ------------------------------------------------------------------ profile_decode (fake vLLM)
@@ -310,7 +319,7 @@ def prof_vllm(monkeypatch):
 
 def test_profile_decode_with_fake_vllm(prof_vllm, tmp_path):
     prof_dir = tmp_path / "vllm-prof"
-    eng = ve.VllmEngine("/m", engine_config({"backend": "vllm", "quantization": "w4a16"}),
+    eng = ve.VllmEngine(_model_dir(tmp_path), engine_config({"backend": "vllm", "quantization": "w4a16"}),
                         log_path=str(tmp_path / "e.log"), profile_dir=str(prof_dir))
     llm = _ProfFakeLLM.instances[-1]
     assert llm.kwargs["profiler_config"]["torch_profiler_dir"] == str(prof_dir)
@@ -338,7 +347,7 @@ def test_profile_decode_with_fake_vllm(prof_vllm, tmp_path):
 
 
 def test_profile_decode_requires_profile_dir(prof_vllm, tmp_path):
-    eng = ve.VllmEngine("/m", engine_config({"backend": "vllm", "quantization": "w4a16"}),
+    eng = ve.VllmEngine(_model_dir(tmp_path), engine_config({"backend": "vllm", "quantization": "w4a16"}),
                         log_path=str(tmp_path / "e.log"))
     assert "profiler_config" not in _ProfFakeLLM.instances[-1].kwargs
     with pytest.raises(RuntimeError, match="built with a profile_dir"):

@@ -45,10 +45,10 @@ def test_build_llm_kwargs_lora_and_bnb():
     settings = {"enforce_eager": True, "max_logprobs": 50, "max_num_batched_tokens": 8192}
     lora = {"rank": 64, "slots": 2, "adapters": 5, "target_modules": ["q_proj", "v_proj"]}
     kw = ve.build_llm_kwargs("/m", settings, lora=lora, quantization="bitsandbytes",
-                             capture_sizes=[1, 8, 128])
+                             capture_sizes=[1, 8, 128], model_type="mistral")
     assert kw["enable_lora"] is True and kw["max_loras"] == 2 and kw["max_lora_rank"] == 64
     assert kw["max_cpu_loras"] == 5  # every loaded adapter stays in the CPU cache
-    assert kw["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert kw["lora_target_modules"] == ["qkv_proj"]
     assert kw["quantization"] == "bitsandbytes"
     assert kw["enforce_eager"] is True and kw["max_logprobs"] == 50
     assert kw["max_num_batched_tokens"] == 8192
@@ -60,23 +60,26 @@ def test_build_llm_kwargs_lora_and_bnb():
 
 
 def test_lora_engine_args_restrict_and_defaults():
-    lora = {"rank": 16, "slots": 1, "target_modules": ["q_proj", "v_proj"],
+    lora = {"rank": 16, "slots": 1, "adapters": 3, "target_modules": ["q_proj", "v_proj"],
             "target_parameters": ["mlp.experts.gate_up_proj"]}
-    assert ve.lora_engine_args(lora)["lora_target_modules"] == ["experts", "q_proj", "v_proj"]
+    args = ve.lora_engine_args(lora, "mixtral")
+    assert args["lora_target_modules"] == ["experts", "qkv_proj"]
+    assert args["max_loras"] == 1 and args["max_cpu_loras"] == 3
     # vLLM's defaults: every LoRA-capable linear (no restriction passed)
-    assert "lora_target_modules" not in ve.lora_engine_args(lora, restrict=False)
-    assert ve.lora_engine_args(None) == {}
+    assert "lora_target_modules" not in ve.lora_engine_args(lora, "mixtral", restrict=False)
+    assert ve.lora_engine_args(None, "mixtral") == {}
 
 
 @pytest.mark.parametrize("rank,expected", [(1, 1), (8, 8), (12, 16), (16, 16), (24, 32),
                                            (320, 320), (500, 512), (512, 512)])
 def test_lora_engine_args_round_rank_up_to_an_allowed_one(rank, expected):
-    assert ve.lora_engine_args({"rank": rank, "slots": 1})["max_lora_rank"] == expected
+    lora = {"rank": rank, "slots": 1, "target_modules": ["q_proj"]}
+    assert ve.lora_engine_args(lora, "llama")["max_lora_rank"] == expected
 
 
 def test_build_llm_kwargs_errors():
-    with pytest.raises(ValueError, match="LoRA rank 1024 is above vLLM's limit 512"):
-        ve.lora_engine_args({"rank": 1024, "slots": 1})
+    with pytest.raises(ValueError, match="LoRA rank 1024 exceeds vLLM's largest"):
+        ve.lora_engine_args({"rank": 1024, "slots": 1, "target_modules": ["q_proj"]}, "llama")
     with pytest.raises(ValueError, match="quantization='awq'"):
         ve.build_llm_kwargs("/m", {}, lora=None, quantization="awq")
 
@@ -340,6 +343,14 @@ def _adapter(tmp_path, name, r=16):
     return str(d)
 
 
+def _model_dir(tmp_path):
+    """A checkpoint folder as far as the engine reads it before vLLM does: its config.json."""
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text('{"model_type": "mistral"}')
+    return str(d)
+
+
 def _cfg(**kw):
     return engine_config({"backend": "vllm", "quantization": "w4a16", **kw})
 
@@ -350,13 +361,13 @@ LORA = {"rank": 16, "slots": 1, "adapters": 2, "target_modules": ["q_proj", "v_p
 def test_engine_flow_with_fake_vllm(fake_vllm, tmp_path):
     adapters = {"a": _adapter(tmp_path, "a"), "b": _adapter(tmp_path, "b")}
     log = tmp_path / "logs" / "engine.log"
-    eng = ve.VllmEngine("/m", _cfg(w4a16_kernel="machete"), adapters=adapters, lora=LORA,
+    eng = ve.VllmEngine(_model_dir(tmp_path), _cfg(w4a16_kernel="machete"), adapters=adapters, lora=LORA,
                         log_path=str(log))
     llm = _FakeLLM.instances[-1]
     assert os.environ["VLLM_DISABLED_KERNELS"].startswith("CutlassW4A8LinearKernel")
     assert [r.lora_int_id for r in llm.added] == [1, 2]
     assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_cpu_loras"] == 2
-    assert llm.kwargs["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert llm.kwargs["lora_target_modules"] == ["qkv_proj"]
     # the applied-tensor report ships a function to the engine core: allowed for this engine
     assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
 
@@ -401,10 +412,10 @@ def test_engine_flow_with_fake_vllm(fake_vllm, tmp_path):
 
 def test_engine_rejects_bad_adapters(fake_vllm, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter 'gone': no directory"):
-        ve.VllmEngine("/m", _cfg(), adapters={"gone": str(tmp_path / "gone")}, lora=LORA)
+        ve.VllmEngine(_model_dir(tmp_path), _cfg(), adapters={"gone": str(tmp_path / "gone")}, lora=LORA)
     with pytest.raises(ValueError, match="without a LoRA plan"):
-        ve.VllmEngine("/m", _cfg(), adapters={"a": _adapter(tmp_path, "a")})
-    eng = ve.VllmEngine("/m", _cfg(), log_path=str(tmp_path / "x.log"))
+        ve.VllmEngine(_model_dir(tmp_path), _cfg(), adapters={"a": _adapter(tmp_path, "a")})
+    eng = ve.VllmEngine(_model_dir(tmp_path), _cfg(), log_path=str(tmp_path / "x.log"))
     with pytest.raises(ValueError, match="without LoRA support"):
         eng.generate([[1]], 2, ["a"])
     eng.close()

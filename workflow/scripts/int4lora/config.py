@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+from .lora_layout import VLLM_MAX_LORA_RANKS
 
-# vllm/config/lora.py: MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
-VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 # engine arguments the pipeline derives itself (from the adapters, the checkpoint, the stage)
 VLLM_PIPELINE_ARGS = ("model", "enable_lora", "max_loras", "max_lora_rank", "lora_target_modules",
                       "quantization", "load_format", "disable_log_stats", "profiler_config")

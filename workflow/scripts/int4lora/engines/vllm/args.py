@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from int4lora.config import VLLM_MAX_LORA_RANKS as ALLOWED_MAX_LORA_RANKS
+from int4lora.lora_layout import VLLM_MAX_LORA_RANKS as ALLOWED_MAX_LORA_RANKS
+from int4lora.lora_layout import vllm_lora_engine_args
 from int4lora.config import VLLM_OWN_SETTINGS as OWN_SETTINGS
 
 # vllm/config/model.py: ModelConfig.max_logprobs default 20 (caps logprobs and prompt_logprobs).
@@ -36,49 +37,25 @@ W4A16_KERNELS: dict[str, str] = {
 
 QUANTIZATIONS = (None, "compressed-tensors", "bitsandbytes")
 
-# vLLM's default expert module name for LoRA's target-module filter (FusedMoE layers are named
-# "experts" in every MoE model vLLM 0.26 serves: mixtral block_sparse_moe.experts, qwen mlp.experts)
-EXPERTS_MODULE = "experts"
-
-
-def lora_target_modules(target_modules: list[str] | None,
-                        target_parameters: list[str] | None) -> list[str]:
-    """vLLM's deployment-time LoRA filter (LoRAConfig.target_modules) from an adapter's targets.
-
-    vllm/lora/utils.py is_in_target_modules matches a module by its last name component, and a
-    packed module (qkv_proj, gate_up_proj) when one of its packed children (q_proj, ...) is listed,
-    so the adapter's own PEFT names serve; fused expert parameters map to the FusedMoE module."""
-    names = list(target_modules or [])
-    if target_parameters:
-        names.append(EXPERTS_MODULE)
-    return sorted(set(names))
-
-
-def lora_engine_args(lora: dict | None, restrict: bool = True) -> dict:
-    """enable_lora / max_loras / max_lora_rank / lora_target_modules / max_cpu_loras from the
-    job's LoRA plan: {"rank", "slots" (distinct adapters one batch carries), "adapters" (how many
-    the engine loads), "target_modules", "target_parameters"}. restrict=False leaves vLLM's
-    default of wrapping every LoRA-capable linear."""
+def lora_engine_args(lora: dict | None, model_type: str, restrict: bool = True) -> dict:
+    """enable_lora / max_loras / max_lora_rank / max_cpu_loras / lora_target_modules from the
+    job's LoRA plan (int4lora.config.lora_plan: rank, targets, slots = distinct adapters one
+    batch carries, adapters = how many the engine loads); int4lora.lora_layout holds the facts.
+    restrict=False leaves vLLM's default of wrapping every LoRA-capable linear."""
     if not lora:
         return {}
-    fitting = [r for r in ALLOWED_MAX_LORA_RANKS if r >= int(lora["rank"])]
-    if not fitting:
-        raise ValueError(f"LoRA rank {lora['rank']} is above vLLM's limit "
-                         f"{max(ALLOWED_MAX_LORA_RANKS)}")
-    slots = int(lora.get("slots") or 1)
-    if slots < 1:
-        raise ValueError(f"LoRA slots={slots} must be >= 1")
-    args = {"enable_lora": True, "max_loras": slots, "max_lora_rank": fitting[0],
-            "max_cpu_loras": max(slots, int(lora.get("adapters") or slots))}
-    if restrict:
-        args["lora_target_modules"] = lora_target_modules(lora.get("target_modules"),
-                                                          lora.get("target_parameters"))
+    spec = {k: lora.get(k) for k in ("rank", "target_modules", "target_parameters")}
+    args = vllm_lora_engine_args([spec] * max(1, int(lora.get("adapters") or 1)), model_type,
+                                 slots=int(lora.get("slots") or 1))
+    if not restrict:
+        args.pop("lora_target_modules")
     return args
 
 
 def build_llm_kwargs(model_path: str, settings: dict, *, lora: dict | None,
                      quantization: str | None, profile_dir: str | None = None,
-                     restrict_lora: bool = True, capture_sizes: list[int] | None = None) -> dict:
+                     restrict_lora: bool = True, capture_sizes: list[int] | None = None,
+                     model_type: str = "llama") -> dict:
     """Keyword arguments for ``vllm.LLM(**kwargs)``: settings are EngineArgs fields (validated
     against vLLM's EngineArgs at config time and again at engine start), then the pipeline's own.
 
@@ -112,7 +89,7 @@ def build_llm_kwargs(model_path: str, settings: dict, *, lora: dict | None,
     kwargs["max_logprobs"] = max(DEFAULT_MAX_LOGPROBS, int(kwargs.get("max_logprobs") or 0))
     if quantization is not None:
         kwargs["quantization"] = quantization
-    kwargs.update(lora_engine_args(lora, restrict_lora))
+    kwargs.update(lora_engine_args(lora, model_type, restrict_lora))
     prof = profiler_config(profile_dir)
     if prof is not None:
         kwargs["profiler_config"] = prof

@@ -30,6 +30,10 @@ from .logparse import parse_engine_log
 from .outputs import has_request_metrics, prompt_logprobs_to_scored, timing_from_outputs
 
 
+def checkpoint_model_type(model_path: str) -> str:
+    return json.loads((Path(model_path) / "config.json").read_text())["model_type"]
+
+
 def check_engine_args(kwargs: dict) -> None:
     """Every keyword is a field of the installed vLLM's EngineArgs (config validation checked a
     recorded list; this is the real one)."""
@@ -64,7 +68,8 @@ class VllmEngine:
                                            quantization=self.quantization,
                                            profile_dir=profile_dir,
                                            restrict_lora=cfg.lora_modules == "adapter",
-                                           capture_sizes=capture_sizes)
+                                           capture_sizes=capture_sizes,
+                                           model_type=checkpoint_model_type(model_path))
         from int4lora.applied import REPORT_ENGINE_ENV
         # adapter_report ships a function to the engine core (see int4lora.applied)
         self.env = {**kernel_env(cfg.w4a16_kernel, tuned_config_dir), **REPORT_ENGINE_ENV}
