@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 
 from int4lora.memory import attribute, kv_cache_bytes
+from int4lora.outputs import TABLES
 from int4lora.profiling import CLASS_NAMES
 from int4lora.resultio import read_json
 
@@ -12,8 +13,6 @@ STAT_KEYS = ("median", "p90", "p99", "std", "n")
 ENV_KEYS = ("device", "gpu", "driver", "cuda", "cpu", "torch", "transformers", "vllm",
             "bitsandbytes", "peft", "llmcompressor", "compressed-tensors", "git_commit",
             "hostname", "config_hash", "started")
-TABLES = ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
-          "status")
 
 
 def _flat(prefix: str, stats: dict) -> dict:
