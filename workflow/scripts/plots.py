@@ -56,10 +56,11 @@ def _status(validated) -> str:
     return "" if validated == "PASS" else f" ({'FAIL' if 'FAIL' in str(validated) else 'unvalidated'})"
 
 
-def _series_label(setting: str, adapter: str, variant: str) -> str:
+def _series_label(setting: str, adapter: str, variant: str, engine: str | None = None) -> str:
     what = "base" if variant == "base" else (adapter if variant == "lora-adapter"
                                              else f"{adapter} {variant}")
-    return f"{setting}: {what}"
+    who = setting if engine in (None, setting) else f"{engine} · {setting}"
+    return f"{who}: {what}"
 
 
 def _grid(n_rows: int, n_cols: int, width: float = 4.6, height: float = 3.0):
@@ -149,8 +150,8 @@ def lora_overhead(overhead: pd.DataFrame, out: Path, engines: dict, note: str):
     rows = summary.with_setting(overhead, engines)
     for ax, model in zip(axes[0], models):
         sub = rows[rows["model"] == model]
-        for k, ((setting, adapter, variant), g) in enumerate(
-                sub.groupby(["setting", "adapter", "variant"])):
+        for k, ((engine, setting, adapter, variant), g) in enumerate(
+                sub.groupby(["engine", "setting", "adapter", "variant"])):
             g = g.sort_values("batch")
             color, passed = f"C{k % 10}", (g["validated"] == "PASS").all()
             pct = (g["tpot_ratio_median"] - 1) * 100
@@ -158,7 +159,8 @@ def lora_overhead(overhead: pd.DataFrame, out: Path, engines: dict, note: str):
                     and g["tpot_ratio_ci_low"].notna().any():
                 ax.fill_between(g["batch"], (g["tpot_ratio_ci_low"] - 1) * 100,
                                 (g["tpot_ratio_ci_high"] - 1) * 100, color=color, alpha=0.15)
-            label = _series_label(setting, adapter, variant) + _status(g["validated"].iloc[0])
+            label = _series_label(setting, adapter, variant, engine) + _status(
+                g["validated"].iloc[0])
             ax.plot(g["batch"], pct, color=color, marker="o", linestyle="-" if passed else ":",
                     markerfacecolor=color if passed else "white", label=label)
         ax.axhline(0, color="grey", lw=0.8)

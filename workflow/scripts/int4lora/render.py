@@ -15,7 +15,7 @@ DASH = "–"
 
 # --------------------------------------------------------------------------- numbers
 
-def plain(v, digits: int = 3) -> str:
+def plain(v, digits: int = 3, strip: bool = True) -> str:
     """A number without scientific notation: thousands separators from 1,000 up, about
     `digits` significant digits below (0.0001, 0.132, 3.79, 37.9, 379)."""
     if missing(v):
@@ -27,11 +27,12 @@ def plain(v, digits: int = 3) -> str:
     if abs(v) >= 1000 or float(v).is_integer():
         return f"{v:,.0f}"
     decimals = max(digits - 1 - math.floor(math.log10(abs(v))), 0)
-    return f"{v:,.{min(decimals, 12)}f}"
+    text = f"{v:,.{min(decimals, 12)}f}"
+    return text.rstrip("0").rstrip(".") if strip and "." in text else text
 
 
 def ms(seconds) -> str:
-    return DASH if missing(seconds) else plain(seconds * 1e3, 3)
+    return DASH if missing(seconds) else plain(seconds * 1e3, 3, strip=False)
 
 
 def tok_s(v) -> str:

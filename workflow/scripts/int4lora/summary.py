@@ -208,26 +208,39 @@ def _verdict_of(verdict: pd.DataFrame, model: str, engine: str, adapter: str) ->
             "verdict_ref": anchor("verdict", model, engine, adapter)}
 
 
+def _rival(overhead, verdict, model, backend, adapter, engine, setting, rows) -> dict:
+    """A setting's headline numbers: LoRA decode speed and overhead at its smallest batch."""
+    ov = _records(overhead, model=model, engine=engine, setting=setting, adapter=adapter,
+                  variant="lora-adapter") if adapter != "none" else []
+    small = rows[0]["batch"]
+    return {"model": model, "backend": backend, "engine": engine, "setting": setting,
+            "adapter": adapter, **_verdict_of(verdict, model, engine, adapter),
+            "batch_small": small, "_ov": ov,
+            "lora_small": _bench_num(rows if adapter != "none" else [], small),
+            "overhead_small": _ratio(_at(ov, small))}
+
+
 def _summary_row(g, overhead, memory, verdict, model, backend, adapter) -> dict | None:
     cands = _candidates(g, adapter)
     if not cands:
         return None
     (engine, setting), rows = max(cands.items(), key=lambda kv: _rank(kv[1]))
-    base = _base_rows(g, engine, setting)
-    ov = _records(overhead, model=model, engine=engine, setting=setting, adapter=adapter,
-                  variant="lora-adapter") if adapter != "none" else []
+    row = _rival(overhead, verdict, model, backend, adapter, engine, setting, rows)
+    base, ov = _base_rows(g, engine, setting), row.pop("_ov")
     small, large = rows[0]["batch"], rows[-1]["batch"]
     lora = rows if adapter != "none" else []
-    return {"model": model, "backend": backend, "engine": engine, "setting": setting,
-            "adapter": adapter, **_verdict_of(verdict, model, engine, adapter),
-            "batch_small": small, "batch_large": large,
+    rivals = [_rival(overhead, verdict, model, backend, adapter, e, s, r)
+              for (e, s), r in cands.items() if (e, s) != (engine, setting)]
+    for rival in rivals:
+        rival.pop("_ov")
+    return {**row, "batch_large": large,
             "base_small": _bench_num(base, small), "base_large": _bench_num(base, large),
-            "lora_small": _bench_num(lora, small), "lora_large": _bench_num(lora, large),
-            "overhead_small": _ratio(_at(ov, small)), "overhead_large": _ratio(_at(ov, large)),
+            "lora_large": _bench_num(lora, large), "overhead_large": _ratio(_at(ov, large)),
             **_memory_numbers(memory, model, engine, adapter),
             "roofline": _bench_num(base, small, "roofline_fraction"),
-            "alternatives": [f"{e} · {s}" if s != e else e for e, s in cands
-                             if (e, s) != (engine, setting)]}
+            "alternatives": [f"{r['engine']} · {r['setting']}" if r["setting"] != r["engine"]
+                             else r["engine"] for r in rivals],
+            "rivals": rivals}
 
 
 def summary_rows(bench: pd.DataFrame, overhead: pd.DataFrame, memory: pd.DataFrame,
@@ -252,12 +265,12 @@ def summary_rows(bench: pd.DataFrame, overhead: pd.DataFrame, memory: pd.DataFra
 
 def headlines(rows: list[dict]) -> list[dict]:
     """Per (model, adapter): the fastest validated LoRA setting at the smallest batch, and the
-    faster ones that did not pass (named, never the headline)."""
+    faster settings, of any engine, that did not pass (named, never the headline)."""
     out = []
     keys = sorted({(r["model"], r["adapter"]) for r in rows if r["adapter"] != "none"})
     for model, adapter in keys:
-        group = [r for r in rows if (r["model"], r["adapter"]) == (model, adapter)
-                 and r["lora_small"]["value"] is not None]
+        group = [c for r in rows if (r["model"], r["adapter"]) == (model, adapter)
+                 for c in (r, *r.get("rivals", [])) if c["lora_small"]["value"] is not None]
         passed = [r for r in group if r["lora_small"]["validated"] == "PASS"]
         best = max(passed, key=lambda r: r["lora_small"]["value"]) if passed else None
         floor = best["lora_small"]["value"] if best else -1.0
@@ -277,16 +290,16 @@ def _legacy_memory(memory: pd.DataFrame) -> dict[str, pd.Series]:
     engine's without LoRA; what loading with LoRA adds on top (the adapter, in HF as fp32
     parameters; in vLLM the adapter slots' buffers, inside its weight figure) is the adapter
     part, at least the adapter's own bytes."""
-    loaded = (_column(memory, "engine_model_weights_gib") * 2**30).fillna(
-        _column(memory, "weight_bytes"))
+    stored = _column(memory, "weight_bytes")
+    loaded = (_column(memory, "engine_model_weights_gib") * 2**30).fillna(stored)
     no_lora = memory["adapter"] == "none"
     keys = list(zip(memory["model"], memory["engine"]))
-    base = {k: (w, lo) for k, w, lo, none in zip(keys, memory["weight_bytes"], loaded, no_lora)
+    base = {k: (w, lo) for k, w, lo, none in zip(keys, stored, loaded, no_lora)
             if none}  # (checkpoint bytes, loaded bytes) of the engine without an adapter
-    weights = pd.Series([base.get(k, (w, 0))[0] for k, w in zip(keys, memory["weight_bytes"])],
+    weights = pd.Series([base.get(k, (w, 0))[0] for k, w in zip(keys, stored)],
                         index=memory.index)
     added = pd.Series([lo - base.get(k, (0, w))[1] if not none else float("nan")
-                       for k, lo, w, none in zip(keys, loaded, memory["weight_bytes"], no_lora)],
+                       for k, lo, w, none in zip(keys, loaded, stored, no_lora)],
                       index=memory.index)
     adapter_lora = pd.concat([_column(memory, "adapter_bytes").fillna(0), added],
                              axis=1).max(axis=1).where(~no_lora)

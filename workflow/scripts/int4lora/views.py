@@ -211,10 +211,18 @@ def overhead_table(overhead: pd.DataFrame) -> Table:
                  cls="data sortable")
 
 
+def _class_shares(r: dict, shares: list[str]) -> Cell:
+    """The kernel classes that hold time, largest first, in one cell (all on hover)."""
+    held = sorted(((r.get(c) or 0.0, c.removeprefix("share_")) for c in shares
+                   if not missing(r.get(c)) and r.get(c) > 0), reverse=True)
+    text = " · ".join(f"{name} {R.pct(v, 0)}" for v, name in held if v >= 0.01)
+    return Cell(text or R.DASH, title=" · ".join(f"{name} {R.pct(v)}" for v, name in held)
+                or None)
+
+
 def decode_profile_table(profile: pd.DataFrame) -> Table:
-    """Percentages, µs to 0.1, ms to 0.01; only kernel classes that hold time in some row."""
-    shares = [c for c in profile.columns if c.startswith("share_")
-              and profile[c].fillna(0).gt(0).any()]
+    """Percentages, µs to 0.1, ms to 0.01; the kernel classes that hold time in one cell."""
+    shares = [c for c in profile.columns if c.startswith("share_")]
     rows = []
     for r in profile.to_dict("records"):
         cells = [R.short(r["model"], 22), Cell(r["engine"]), Cell(r["adapter"]),
@@ -224,13 +232,13 @@ def decode_profile_table(profile: pd.DataFrame) -> Table:
             v = r.get(col)
             cells.append(R.num(R.DASH if missing(v) else f"{v:,.{digits}f}", v))
         cells += [R.num(R.pct(r.get(c)), r.get(c)) for c in
-                  ("kernel_fraction_of_tpot", "host_gap_fraction", *shares)]
-        cells += [R.short(r.get("top_kernel"), 36, code=True),
+                  ("kernel_fraction_of_tpot", "host_gap_fraction")]
+        cells += [_class_shares(r, shares), R.short(r.get("top_kernel"), 32, code=True),
                   R.num(R.pct(r.get("top_kernel_share")), r.get("top_kernel_share"))]
         rows.append((anchor("decode", r["model"], r["engine"], r["adapter"]), cells))
     headers = ["model", "engine", "adapter", "request", "attribution", "kernel µs/step",
                "step period µs", "TPOT ms (b=1)", "kernel/TPOT", "host gap",
-               *[c.removeprefix("share_") for c in shares], "top kernel", "top share"]
+               "kernel time by class", "top kernel", "top share"]
     return Table(headers, rows, fold=_fold("Decode profile", len(rows), True),
                  cls="data sortable")
 
