@@ -105,7 +105,8 @@ def _new_tables(root: Path) -> Path:
                "peak_bytes": 7.3e10, "mem_weights_bytes": 4.1e9,
                "mem_adapter_lora_bytes": 3.4e8 if a != "none" else None,
                "mem_kv_needed_bytes": 1.3e9, "mem_kv_pool_reserved_bytes": 6.6e10,
-               "mem_process_baseline_bytes": 5.2e8} for e in ("hf", "vllm") for a in ("none", "r16")]
+               "mem_process_baseline_bytes": 5.2e8}
+              for e in ("hf", "vllm") for a in ("none", "r16")]
     status = [{"kind": "bench", "model": "m7", "engine": "vllm", "adapter": "r16",
                "status": "ok", "reason": None, "file": "x.json", "env_device": "cuda",
                "env_gpu": "NVIDIA H100 80GB HBM3", "env_torch": "2.11.0", "env_vllm": "0.26.0",

@@ -53,7 +53,9 @@ def _save(fig, out: Path, title: str, note: str):
 
 
 def _status(validated) -> str:
-    return "" if validated == "PASS" else f" ({'FAIL' if 'FAIL' in str(validated) else 'unvalidated'})"
+    if validated == "PASS":
+        return ""
+    return " (FAIL)" if "FAIL" in str(validated) else " (unvalidated)"
 
 
 def _series_label(setting: str, adapter: str, variant: str, engine: str | None = None) -> str:

@@ -75,10 +75,10 @@ def headline_items(rows: list[dict]) -> list[str]:
         else:
             text += "no setting with this adapter passed its checks."
         for r in h["faster_unvalidated"]:
-            lora = r["lora_small"]
+            lora, cost = r["lora_small"], r["overhead_small"]
             text += (f" {'Faster' if best else 'Fastest'}: {_who(r)} "
                      f"{_link(R.tok_s(lora['value']), lora['ref'])} tok/s, LoRA "
-                     f"{_link(R.overhead(r['overhead_small']['value']), r['overhead_small']['ref'])}"
+                     f"{_link(R.overhead(cost['value']), cost['ref'])}"
                      f", **{_status_word(lora['validated'])}**{_why(r)}.")
         items.append(text)
     return items
