@@ -6,6 +6,7 @@ cache inside the temporary directory, so the run is hermetic).
 """
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_report_files(offline_run):
 
 def _latency_rows(text):
     section = text.split("## Latency and throughput")[1].split("\n## ")[0]
+    section = re.sub(r'<a id="[^"]*"></a>', "", section)  # the rows' anchors
     header = next(line for line in section.splitlines() if line.startswith("| model"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     rows = []

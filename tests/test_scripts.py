@@ -583,8 +583,18 @@ def test_plots_written(reported):
 def test_report_markdown(reported):
     text = reported["md"].read_text()
     assert text == reported["text"]
+    text = re.sub(r'<a id="[^"]*"></a>', "", text)  # the rows' anchors
     assert "## Verdicts" in text
-    verdict_section = text.split("## Verdicts")[1].split("###")[0]
+    # the summary comes first; a number whose checks failed says so where it appears
+    assert text.index("## Summary") < text.index("## Verdicts") < text.index("## Latency")
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    zero = next(line for line in summary.splitlines() if line.startswith(
+        "| tiny-llama | hf · NF4 | r16-zero |"))
+    assert "[FAIL](#verdict-tiny-llama-hf-r16-zero)" in zero and "(FAIL: do not trust)" in zero
+    good = next(line for line in summary.splitlines() if line.startswith(
+        "| tiny-llama | hf · NF4 | r16-qv |"))
+    assert "[PASS]" in good and "do not trust" not in good and "unvalidated" not in good
+    verdict_section = text.split("## Verdicts")[1].split("<details>")[0]
     assert re.search(r"\| tiny-llama \| hf \| r16-qv \| PASS \| PASS \|", verdict_section)
     # a zero-B adapter fails the adapter, not the base model
     assert re.search(r"\| tiny-llama \| hf \| r16-zero \| FAIL \| PASS \| adapter: moves",
@@ -594,12 +604,14 @@ def test_report_markdown(reported):
     latency = text.split("## Latency and throughput")[1].split("\n## ")[0]
     rows = [line for line in latency.splitlines() if line.startswith("| tiny-")]
     assert len(rows) == 12
-    by_key = {tuple(c.strip() for c in r.strip("|").split("|")[:5]): r for r in rows}
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert {c[2] for c in cells} == {"NF4"}  # the engine setting each row ran with
+    by_key = {(c[0], c[1], c[3], c[4], c[5]): r for c, r in zip(cells, rows)}
     for batch in ("1", "2"):
         assert by_key[("tiny-llama", "hf", "r16-zero", "lora-adapter", batch)].rstrip(
-            " |").endswith("FAIL")
+            " |").endswith("FAIL: do not trust")
         assert by_key[("tiny-mixtral", "hf-noexp", "none", "base", batch)].rstrip(
-            " |").endswith("FAIL")
+            " |").endswith("FAIL: do not trust")
         assert by_key[("tiny-llama", "hf", "r16-qv", "lora-adapter", batch)].rstrip(
             " |").endswith("| PASS")
         assert by_key[("tiny-llama", "hf", "none", "base", batch)].rstrip(" |").endswith("| PASS")
@@ -607,7 +619,7 @@ def test_report_markdown(reported):
     missing = text.split("## Configurations that did not run")[1].split("\n## ")[0]
     assert "vllm" in missing and "unsupported" in missing
     for name in plots.FIGURES:
-        if name not in report.SECTION_FIGURES:
+        if name != "decode_time":  # shown only with decode-profile rows
             assert f"](../figures/{name}.png)" in text
     # no configuration here profiles its decode: no decode section, no decode figure
     assert "Where batch-1 decode time goes" not in text and "decode_time.png" not in text
@@ -617,7 +629,9 @@ def test_report_html_is_self_contained(reported):
     html = reported["html"].read_text()
     assert html.count('src="data:image/png;base64,') >= 3
     assert 'src="../figures/' not in html
-    assert "<table>" in html and "| FAIL" not in html and "FAIL" in html
+    assert not re.search(r'(src|href)="(https?:|//)', html)  # nothing fetched from outside
+    assert '<table class="data' in html
+    assert '<td class="fail">FAIL: do not trust</td>' in html  # marked and coloured
 
 
 def test_hf_static_cache_mode_decodes_the_same_tokens(pipe):

@@ -1,13 +1,16 @@
+from int4lora.outputs import FIGURE_CAPTIONS, FIGURES, TABLE_CAPTIONS, TABLES
+
+
 rule aggregate:
     input:
         aggregate_inputs(),
     output:
-        expand(f"{RESULTS}/tables/{{table}}.csv",
-               table=["bench", "overhead", "memory", "validation", "noise_floor", "coverage", "quality",
-                      "decode_profile", "status"]),
+        *[report(f"{RESULTS}/tables/{table}.csv", caption="../report/tables.rst",
+                 category="Tables", labels={"table": table}) for table in TABLES],
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         missing=missing_results(),
+        table_captions=TABLE_CAPTIONS,
     log:
         f"{LOGS}/aggregate.log",
     benchmark:
@@ -22,16 +25,15 @@ rule plots:
     input:
         rules.aggregate.output,
     output:
-        report(
-            expand(f"{RESULTS}/figures/{{figure}}.png",
-                   figure=["decode_throughput", "lora_overhead", "memory_breakdown", "ttft",
-                           "weight_coverage", "decode_time"]),
-            caption="../report/figures.rst",
-            category="Figures",
-        ),
+        # one caption per figure: each stub renders its text from FIGURE_CAPTIONS
+        *[report(f"{RESULTS}/figures/{figure}.png", caption=f"../report/figures/{figure}.rst",
+                 category="Figures", labels={"figure": figure}) for figure in FIGURES],
     params:
         tables=lambda wildcards, input: os.path.dirname(input[0]),
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
+        captions=FIGURE_CAPTIONS,
+        models=MODELS,
+        engines=ENGINES,
     log:
         f"{LOGS}/plots.log",
     benchmark:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from int4lora.memory import attribute, kv_cache_bytes
+from int4lora.outputs import TABLES
 from int4lora.profiling import CLASS_NAMES
 from int4lora.resultio import read_result, write_text_atomic
 
@@ -19,8 +20,6 @@ BENCH_METRICS = ("ttft_s", "ttft_engine_s", "tpot_s", "e2e_s", "e2e_tok_s", "dec
 ENV_KEYS = ("device", "gpu", "driver", "cuda", "cpu", "torch", "transformers", "vllm",
             "bitsandbytes", "peft", "llmcompressor", "compressed-tensors", "git_commit",
             "hostname", "config_hash", "started")
-TABLES = ("bench", "overhead", "memory", "validation", "noise_floor", "coverage", "quality",
-          "decode_profile", "status")
 BASE_VARIANTS = ("base", "lora-base")
 # checks of results written before checks had ids: those that concern the base model alone
 LEGACY_BASE_CHECKS = ("coverage", "agreement: base", "quantization", "quality")

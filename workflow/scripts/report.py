@@ -1,34 +1,21 @@
 """Rule report: Markdown + self-contained HTML from the tables and figures.
 
-Correctness first: the verdict table opens the report, and every speed row of a
-configuration whose validation failed is marked, never shown as a plain result.
+Summary first (the answers a reader came for, at each engine's best validated setting, every
+number linked to its row), then the figures that carry the story, then the tables. A speed
+number whose checks failed is marked wherever it appears and never makes a headline.
 """
 
 import base64
-import html
 from pathlib import Path
 
 import pandas as pd
 
-from plots import FIGURES
-
-CAPTIONS = {
-    "decode_throughput": "Output tokens/s vs batch, per model: engine without LoRA (base), "
-                         "LoRA-enabled engine serving base requests (lora-base) and the adapter.",
-    "lora_overhead": "Decode time per token of adapter requests relative to base requests on "
-                     "the same LoRA-enabled engine, interleaved in one process (error bar: std).",
-    "memory_breakdown": "Peak memory attributed to runtime, weights, adapter, KV cache and the "
-                        "rest (activations, workspace).",
-    "ttft": "Time to first token (prefill) vs batch.",
-    "weight_coverage": "Share of weight elements stored in 4-bit, by module family.",
-    "decode_time": "Batch-1 decode step: GPU kernel time per class (profiled call), then the "
-                   "host gap up to the unprofiled TPOT.",
-}
-SECTION_FIGURES = ("decode_time",)  # shown in their own section, only when it has rows
-
-
-def _figure(name: str) -> str:
-    return f"![{name}](../figures/{name}.png)\n\n_{CAPTIONS[name]}_\n"
+from int4lora import render as R
+from int4lora import summary as S
+from int4lora.outputs import FIGURE_CAPTIONS, FIGURES, STORY_FIGURES
+from int4lora.render import Block, Cell, Table
+from int4lora.resultio import write_text_atomic
+from int4lora import views as V
 
 
 def _read(tables: Path, name: str) -> pd.DataFrame:
@@ -38,207 +25,241 @@ def _read(tables: Path, name: str) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def _fmt(v, digits=4):
-    if isinstance(v, float):
-        if pd.isna(v):
-            return "–"
-        return f"{v:.{digits}g}"
-    return "–" if v is None else str(v)
+def _figure(name: str) -> Block:
+    return Block("figure", FIGURE_CAPTIONS[name], id=name, src=f"{name}.png")
 
 
-def md_table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
-    if df.empty:
-        return "_none_\n"
-    cols = [c for c in (columns or list(df.columns)) if c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df[cols].itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v).replace("|", "/") for v in row) + " |")
-    return "\n".join(lines) + "\n"
+def _link(text: str, ref: str | None) -> str:
+    return f"[{text}](#{ref})" if ref else text
 
 
-BASE_CHECKS = ("coverage", "agreement: base", "quantization", "quality")
+def _status_word(validated) -> str:
+    return {"PASS": "PASS", "FAIL: do not trust": "FAIL: do not trust"}.get(validated,
+                                                                            "unvalidated")
 
 
-def verdicts(validation: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, engine, adapter): the verdict of all checks, and of the checks that concern
-    the base model alone (so an adapter-only failure does not condemn base speed rows)."""
-    cols = ["model", "engine", "adapter", "verdict", "base_verdict", "failed_checks"]
-    if validation.empty:
-        return pd.DataFrame(columns=cols)
+def _overhead_text(o: dict) -> str:
+    if o.get("value") is None:
+        return "not measured"
+    ci = o.get("ci")
+    spread = f"95% CI {R.overhead(ci[0])} to {R.overhead(ci[1])}" if ci else \
+        f"no CI in this run, n = {R.plain(o.get('n'))}"
+    return f"{_link(R.overhead(o['value']), o['ref'])} ({spread})"
+
+
+def _why(r: dict) -> str:
+    """The first failed check, and how many more."""
+    failed = [c for c in str(r.get("failed_checks") or "").split("; ") if c and c != R.DASH]
+    if r.get("verdict") != "FAIL" or not failed:
+        return ""
+    more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+    return f" ({_link(failed[0], r.get('verdict_ref'))}{more})"
+
+
+def _who(r: dict) -> str:
+    return f"**{r['backend']}**" + ("" if r["setting"] == r["backend"] else
+                                    f" (setting `{r['setting']}`)")
+
+
+def headline_items(rows: list[dict]) -> list[str]:
+    """One line per (model, adapter): the fastest validated LoRA setting, by how much LoRA
+    slows it, and the faster settings that did not pass (named, never as the headline)."""
+    items = []
+    for h in S.headlines(rows):
+        best, text = h["best"], f"**{h['model']}** with `{h['adapter']}`: "
+        if best:
+            b = best["batch_small"]
+            text += (f"fastest validated: {_who(best)} at "
+                     f"{_link(R.tok_s(best['lora_small']['value']), best['lora_small']['ref'])}"
+                     f" tok/s (batch {b}); LoRA costs "
+                     f"{_overhead_text(best['overhead_small'])}; checks PASS.")
+        else:
+            text += "no setting with this adapter passed its checks."
+        for r in h["faster_unvalidated"]:
+            lora, cost = r["lora_small"], r["overhead_small"]
+            text += (f" {'Faster' if best else 'Fastest'}: {_who(r)} "
+                     f"{_link(R.tok_s(lora['value']), lora['ref'])} tok/s, LoRA "
+                     f"{_link(R.overhead(cost['value']), cost['ref'])}"
+                     f", **{_status_word(lora['validated'])}**{_why(r)}.")
+        items.append(text)
+    return items
+
+
+def _speed_cell(n: dict, formatter=R.tok_s, title: str | None = None) -> Cell:
+    """A summary number, coloured and labelled on hover unless its checks passed."""
+    if n.get("value") is None:
+        return Cell(R.DASH, cls="num notrun", title=title or "not measured")
+    # memory numbers carry no verdict: only speed rows are marked
+    status = "PASS" if n.get("validated") is None else _status_word(n["validated"])
+    cls = "num" if status == "PASS" else f"num {R.STATUS_CLASS[status]}"
+    note = None if status == "PASS" else status
+    cell = R.num(formatter(n["value"]), n["value"], n["ref"], "; ".join(
+        t for t in (title, note) if t) or None, cls)
+    cell.md_note = note
+    return cell
+
+
+def _ci_text(o: dict) -> str:
+    if o.get("value") is None:
+        return R.DASH
+    ci = o.get("ci")
+    return R.overhead(o["value"]) + (f" [{R.overhead(ci[0])}, {R.overhead(ci[1])}]" if ci else "")
+
+
+def _batch_header(rows: list[dict], key: str) -> str:
+    batches = {r[key] for r in rows}
+    return f"b={batches.pop()}" if len(batches) == 1 else ("smallest b" if key == "batch_small"
+                                                           else "largest b")
+
+
+def summary_table(rows: list[dict]) -> Table:
+    small, large = _batch_header(rows, "batch_small"), _batch_header(rows, "batch_large")
+    weights = [r["weights"]["value"] for r in rows if r["weights"]["value"] is not None]
+    unit, weight_fmt = ("GiB", R.gib) if max(weights, default=0) >= 2**30 else ("MiB", R.mib)
+    headers = ["model", "engine · setting", "adapter", "checks",
+               f"decode tok/s {small}: base", "with LoRA", f"decode tok/s {large}: base",
+               "with LoRA ", f"LoRA overhead {small} [95% CI]", f"LoRA overhead {large}",
+               f"weights {unit}", "adapter + LoRA MiB", f"roofline {small}"]
+    out = []
+    for r in rows:
+        who = r["backend"] if r["setting"] == r["backend"] else f"{r['backend']} · {r['setting']}"
+        also = "also measured: " + ", ".join(r["alternatives"]) if r["alternatives"] else None
+        no_ci = "no CI recorded in this run" if r["overhead_small"].get("value") is not None \
+            and not r["overhead_small"].get("ci") else None
+        out.append((S.anchor("summary", r["model"], r["backend"], r["adapter"]), [
+            R.short(r["model"], 24), Cell(who, title=also), Cell(r["adapter"]),
+            R.status_cell(r["verdict"], r["failed_checks"], r["verdict_ref"]),
+            _speed_cell(r["base_small"]), _speed_cell(r["lora_small"]),
+            _speed_cell(r["base_large"]), _speed_cell(r["lora_large"]),
+            _speed_cell(r["overhead_small"], lambda v: _ci_text(r["overhead_small"]), no_ci),
+            _speed_cell(r["overhead_large"], R.overhead),
+            _speed_cell(r["weights"], weight_fmt), _speed_cell(r["adapter_mem"], R.mib),
+            _speed_cell(r["roofline"], R.pct)]))
+    titles = {"checks": "verdict of every check of this engine with this adapter",
+              f"roofline {small}": "fastest possible decode step (bytes it must read over the "
+                                   "measured bandwidth) / measured TPOT, base requests"}
+    return Table(headers, out, id="summary-table", cls="data summary", header_titles=titles)
+
+
+def sources_table(sources: pd.DataFrame) -> Table:
     rows = []
-    for (model, engine, adapter), g in validation.groupby(["model", "engine", "adapter"]):
-        failed = g[g["verdict"] == "FAIL"]["check"].tolist()
-        base_failed = g[(g["verdict"] == "FAIL") & (g["scope"] == "base")]["check"].tolist() \
-            if "scope" in g else [c for c in failed if c.startswith(BASE_CHECKS)]
-        rows.append({"model": model, "engine": engine, "adapter": adapter,
-                     "verdict": "FAIL" if failed else "PASS",
-                     "base_verdict": "FAIL" if base_failed else "PASS",
-                     "failed_checks": "; ".join(failed) or "–"})
-    return pd.DataFrame(rows, columns=cols)
+    for i, r in enumerate(sources.to_dict("records")):
+        cells = [R.short(r.get("source"), 36), R.short(r.get("system"), 28),
+                 R.short(r.get("metric"), 34), R.short(r.get("source_value"), 40),
+                 Cell(R.plain(r.get("our_value")), href=r.get("ref") if not S.missing(
+                     r.get("ref")) else None, cls="num"),
+                 R.short(r.get("our_config"), 44), R.status_cell(r.get("validated"))]
+        if "bandwidth_normalised" in r:
+            cells.insert(5, Cell(R.plain(r["bandwidth_normalised"]), cls="num"))
+        rows.append((S.anchor("source", i), cells))
+    headers = ["source report", "system", "metric", "their figure", "ours", "our configuration",
+               "checks"]
+    if "bandwidth_normalised" in sources.columns:
+        headers.insert(5, "ours, bandwidth-normalised")
+    return Table(headers, rows, id="sources-table")
 
 
-def mark_speed_rows(bench: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
-    """validated: PASS / FAIL: do not trust / unvalidated. Rows serving an adapter take that
-    adapter's verdict; base rows take the base checks of every validation of the engine."""
-    if bench.empty:
-        return bench
-    full = {(r.model, r.engine, r.adapter): r.verdict for r in verdict.itertuples()}
-    base = {}
-    for r in verdict.itertuples():
-        key = (r.model, r.engine)
-        base[key] = "FAIL" if "FAIL" in (base.get(key), r.base_verdict) else "PASS"
-
-    def mark(r):
-        serves_adapter = r.variant not in ("base", "lora-base")
-        got = full.get((r.model, r.engine, r.adapter)) if serves_adapter \
-            else base.get((r.model, r.engine))
-        return {"PASS": "PASS", "FAIL": "FAIL: do not trust"}.get(got, "unvalidated")
-    bench = bench.copy()
-    bench["validated"] = [mark(r) for r in bench.itertuples()]
-    return bench
+def load(tables: Path, sources: list[dict], models: dict, engines: dict) -> dict:
+    """Every table, with verdicts applied (validated on each speed row), memory components,
+    the summary rows and the source comparison."""
+    t = {name: _read(tables, name) for name in
+         ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
+          "status", "noise_floor", "peer_check", "sources")}
+    t["verdict"] = S.verdicts(t["validation"])
+    t["bench"] = S.with_setting(S.with_decode_speed(S.mark_rows(t["bench"], t["verdict"])),
+                                engines)
+    t["overhead"] = S.with_setting(S.mark_rows(t["overhead"], t["verdict"]), engines)
+    t["memory_parts"] = S.memory_components(t["memory"])
+    t["summary"] = S.summary_rows(t["bench"], t["overhead"], t["memory_parts"], t["verdict"],
+                                  engines)
+    if t["sources"].empty:
+        t["sources"] = S.compare_sources(t["overhead"], sources, models, engines)
+    return t
 
 
-def compare_sources(overhead: pd.DataFrame, sources: list[dict], models: dict,
-                    engines: dict) -> pd.DataFrame:
-    rows = []
-    for src in sources:
-        ours = overhead[(overhead["variant"] == "lora-adapter") & (overhead["batch"] == 1)] \
-            if not overhead.empty else overhead
-        matches = [m for m, spec in models.items() if spec.get("reference_shape") == src["shape"]]
-        ours = ours[ours["model"].isin(matches) & (ours["engine"].map(
-            lambda e: engines.get(e, {}).get("backend")) == src["engine"])] \
-            if not ours.empty else ours
-        if ours.empty:
-            rows.append({**src, "ours": "not in this run", "our_config": "–"})
-        for r in ours.itertuples():
-            rows.append({**src, "ours": f"{(r.tpot_ratio_median - 1) * 100:+.1f}% "
-                                        f"(std {r.tpot_ratio_std * 100:.1f})",
-                         "our_config": f"{r.model} / {r.engine} / {r.adapter}, batch 1"})
-    return pd.DataFrame(rows)
+def summary_blocks(t: dict, preset: str, models: dict) -> list:
+    caveat = S.run_kind(t["status"], models, t["quality"])
+    blocks = [Block("h1", f"int4-lora-bench validation report: `{preset}`"),
+              Block("p", f"**Run:** {S.run_line(t['status'])}")]
+    if caveat:
+        blocks.append(Block("p", f"**Read with care:** {caveat}."))
+    blocks += [Block("h2", "Summary", id="summary"),
+               Block("ul", items=headline_items(t["summary"]) or
+                     ["no configuration with an adapter ran"], id="headlines"),
+               summary_table(t["summary"]) if t["summary"] else Block("p", "_no benchmark rows_"),
+               Block("p", "Each engine at its best setting (validated first, then fastest with "
+                          "the adapter); decode tok/s = batch / TPOT median; LoRA overhead = "
+                          "TPOT of adapter requests over base requests on the same engine, "
+                          "paired. Coloured numbers did not pass their checks: "
+                          "**FAIL: do not trust** (red) or **unvalidated** (yellow). Every "
+                          "number links to the row it comes from.")]
+    if not t["sources"].empty:
+        blocks += [Block("h3", "Source reports beside ours", id="sources"),
+                   sources_table(t["sources"])]
+    return blocks
 
 
-DECODE_LEAD = (
-    "One batch-1 generate per configuration, torch-profiled after the timed sweep: "
-    "`kernel µs/step` is the GPU kernel time of one decode step, split by kernel class in the "
-    "class columns. `kernel/TPOT` divides it by the unprofiled batch-1 TPOT of the same "
-    "variant; the rest, `host gap`, is time the GPU waits for the host (kernel launch, Python, "
-    "scheduling). `whole trace` rows had no decode-step annotations: their kernel time is the "
-    "whole capture, prefill included, over the number of decode steps.\n\n")
+def detail_blocks(t: dict, description: str) -> list:
+    failing = t["status"][t["status"]["status"] != "ok"] if not t["status"].empty else t["status"]
+    blocks = [Block("h2", "Figures", id="figures"), *[_figure(n) for n in STORY_FIGURES],
+              Block("h2", "About this run", id="about"), Block("p", description or "–"),
+              Block("h2", "Verdicts (correctness gates every speed number)", id="verdicts"),
+              V.verdict_table(t["verdict"]), V.checks_table(t["validation"]),
+              Block("h2", "Configurations that did not run", id="not-run"),
+              V.missing_table(failing)]
+    for name, title, view in (("noise_floor", "Noise floor (same engine, same inputs)",
+                               V.noise_floor_table),
+                              ("peer_check", "Peer check against `vllm bench latency`",
+                               V.peer_check_table)):
+        if not t[name].empty:
+            blocks += [Block("h2", title, id=name.replace("_", "-")), view(t[name])]
+    blocks += [Block("h2", "Latency and throughput", id="latency"),
+               Block("p", V.LATENCY_LEAD), V.latency_table(t["bench"]),
+               Block("h2", "LoRA overhead (paired ratios against base requests on the same "
+                           "engine)", id="overhead"), V.overhead_table(t["overhead"])]
+    if not t["decode_profile"].empty:
+        blocks += [Block("h2", "Where batch-1 decode time goes", id="decode-profile"),
+                   Block("p", V.DECODE_LEAD), V.decode_profile_table(t["decode_profile"]),
+                   _figure("decode_time")]
+    blocks += [Block("h2", "Memory", id="memory"), V.memory_table(t["memory_parts"]),
+               Block("h2", "Quantization coverage", id="coverage"),
+               V.coverage_table(t["coverage"]), _figure("weight_coverage"),
+               Block("h2", "Agreement and quality", id="quality"), V.quality_table(t["quality"]),
+               Block("h2", "Time to first token", id="ttft"), _figure("ttft"),
+               Block("h2", "Glossary", id="glossary"), Block("ul", items=V.GLOSSARY),
+               Block("h2", "Environment", id="environment"), V.env_table(t["status"])]
+    return blocks
 
 
-def _pct(v) -> str:
-    return "–" if v is None or pd.isna(v) else f"{v * 100:.1f}%"
-
-
-def _num(v, digits: int) -> str:
-    return "–" if v is None or pd.isna(v) else f"{v:,.{digits}f}"
-
-
-def decode_profile_view(profile: pd.DataFrame) -> pd.DataFrame:
-    """The decode_profile table for reading: percentages, µs to 0.1, ms to 0.01; only the
-    kernel classes that hold time in some row."""
-    shares = [c for c in profile.columns if c.startswith("share_")
-              and profile[c].fillna(0).gt(0).any()]
-    rows = []
-    for r in profile.to_dict("records"):
-        name = r.get("top_kernel")
-        name = "–" if name is None or pd.isna(name) else \
-            "`" + (name if len(name) <= 60 else name[:59] + "…").replace("`", "'") + "`"
-        rows.append({
-            "model": r["model"], "engine": r["engine"], "adapter": r["adapter"],
-            "request": r["profiled_request"], "attribution": r["attribution"],
-            "kernel µs/step": _num(r.get("kernel_us_per_step"), 1),
-            "step period µs": _num(r.get("step_period_us"), 1),
-            "TPOT ms (b=1)": _num(r.get("sweep_tpot_ms_batch1"), 2),
-            "kernel/TPOT": _pct(r.get("kernel_fraction_of_tpot")),
-            "host gap": _pct(r.get("host_gap_fraction")),
-            **{c.removeprefix("share_"): _pct(r.get(c)) for c in shares},
-            "top kernel": name, "top share": _pct(r.get("top_kernel_share"))})
-    return pd.DataFrame(rows)
-
-
-def environment(status: pd.DataFrame) -> str:
-    if status.empty:
-        return "_no results_\n"
-    env_cols = [c for c in status.columns if c.startswith("env_")]
-    uniq = status[env_cols].drop_duplicates(subset=[c for c in env_cols if c != "env_started"])
-    return md_table(uniq.rename(columns=lambda c: c.removeprefix("env_")).drop(
-        columns=["started"], errors="ignore"))
-
-
-def decode_section(profile: pd.DataFrame) -> list[str]:
-    if profile.empty:
-        return []
-    return ["## Where batch-1 decode time goes\n", DECODE_LEAD,
-            md_table(decode_profile_view(profile)), _figure("decode_time")]
+def build_blocks(tables: Path, preset: str, description: str, sources: list[dict],
+                 models: dict, engines: dict) -> list:
+    t = load(tables, sources, models, engines)
+    return summary_blocks(t, preset, models) + detail_blocks(t, description)
 
 
 def build_markdown(tables: Path, figures: Path, preset: str, description: str,
                    sources: list[dict], models: dict, engines: dict) -> str:
-    bench, overhead = _read(tables, "bench"), _read(tables, "overhead")
-    validation, status = _read(tables, "validation"), _read(tables, "status")
-    verdict = verdicts(validation)
-    if "validated" not in bench:
-        bench = mark_speed_rows(bench, verdict)
-    failing = status[status["status"] != "ok"] if not status.empty else status
-    parts = [f"# int4-lora-bench validation report: `{preset}`\n", description + "\n",
-             "## Verdicts (correctness gates every speed number)\n", md_table(verdict),
-             "### Checks\n", md_table(validation, ["model", "engine", "adapter", "adapter_kind",
-                                                    "check", "value", "op", "limit", "floor",
-                                                    "verdict", "reason", "note"]),
-             "## Configurations that did not run\n",
-             md_table(failing, ["kind", "model", "engine", "adapter", "status", "reason"]),
-             "## Source reports side by side (LoRA decode overhead, batch 1)\n",
-             md_table(compare_sources(overhead, sources, models, engines)),
-             "## Latency and throughput (one row per model, engine, adapter, variant, batch)\n",
-             "Times in seconds; `tok/s` is output tokens per second of the whole batch. "
-             "`roofline` is the fastest possible decode step (bytes it must read over the "
-             "measured memory bandwidth) divided by the measured TPOT.\n\n",
-             md_table(bench, ["model", "engine", "adapter", "variant", "batch", "status",
-                              "ttft_s_median", "ttft_s_p90", "ttft_s_p99", "tpot_s_median",
-                              "tpot_s_p90", "tpot_s_p99", "tpot_s_std", "tpot_s_n",
-                              "decode_tok_s_median", "e2e_tok_s_median", "prefill_tok_s_median",
-                              "roofline_fraction", "validated"]),
-             "## LoRA overhead (paired ratios against base requests on the same engine)\n",
-             md_table(overhead, ["model", "engine", "adapter", "variant", "against", "batch",
-                                 "tpot_ratio_median", "tpot_ratio_p90", "tpot_ratio_std",
-                                 "tpot_ratio_n", "e2e_ratio_median", "ttft_ratio_median"]),
-             *decode_section(_read(tables, "decode_profile")),
-             "## Memory\n", md_table(_read(tables, "memory")),
-             "## Quantization coverage\n", md_table(_read(tables, "coverage")),
-             "## Agreement and quality\n", md_table(_read(tables, "quality")),
-             "## Figures\n"]
-    parts += [_figure(name) for name in FIGURES if name not in SECTION_FIGURES]
-    parts += ["## Environment\n", environment(status)]
-    return "\n".join(parts)
+    return R.to_markdown(build_blocks(tables, preset, description, sources, models, engines))
 
 
-def to_html(markdown_text: str, figures: Path) -> str:
-    import markdown
-    body = markdown.markdown(markdown_text, extensions=["tables"])
+def to_html(blocks: list, figures: Path, preset: str) -> str:
+    images = {}
     for name in FIGURES:
         png = figures / f"{name}.png"
         if png.exists():
-            data = base64.b64encode(png.read_bytes()).decode()
-            body = body.replace(f'src="../figures/{name}.png"',
-                                f'src="data:image/png;base64,{data}"')
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:12px;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>int4-lora-bench</title>"
-            f"<style>{style}</style></head><body>{body}</body></html>\n")
+            images[png.name] = "data:image/png;base64," + base64.b64encode(
+                png.read_bytes()).decode()
+    return R.page(f"int4-lora-bench · {preset}", R.to_html(blocks, images))
 
 
 def main(tables: str, figures: str, out_md: str, out_html: str, preset: str,
          description: str = "", sources: list | None = None, models: dict | None = None,
-         engines: dict | None = None):
-    text = build_markdown(Path(tables), Path(figures), preset, html.escape(description),
-                          sources or [], models or {}, engines or {})
-    for path, content in ((out_md, text), (out_html, to_html(text, Path(figures)))):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(content)
-        tmp.replace(path)
+         engines: dict | None = None) -> str:
+    blocks = build_blocks(Path(tables), preset, description, sources or [],
+                          models or {}, engines or {})
+    text = R.to_markdown(blocks)
+    for path, content in ((out_md, text), (out_html, to_html(blocks, Path(figures), preset))):
+        write_text_atomic(path, content)
     return text
 
 
