@@ -484,3 +484,18 @@ def test_tune_stops_when_the_default_disagrees_with_torch(monkeypatch, tmp_path)
     with pytest.raises(RuntimeError, match="torch reference"):
         tlk.tune(wls, str(tmp_path), 1, "bfloat16", False, "cpu", 60)
     assert not list(tmp_path.iterdir())
+
+
+def test_tune_keeps_the_default_when_confirmation_reverses(monkeypatch, tmp_path):
+    """A candidate that looked faster in the search but not in the interleaved confirmation
+    replays (noise, winner's curse) loses to vLLM's default."""
+    import tune_lora_kernels as tlk
+    clock = SimpleNamespace(now=0.0, recording=False, captured=0.0)
+    _fake_cuda(monkeypatch, clock)
+    monkeypatch.setattr(tlk, "vllm_lora_ops", lambda: _fake_ops(clock))
+    monkeypatch.setattr(tlk, "_confirm", lambda bench, graphs, default, best: (2.0, 2.1))
+    wls = lt.enumerate_workloads(MISTRAL, ["qkv_proj"], 16, 1, [1])
+    rows = tlk.tune(wls, str(tmp_path), 1, "bfloat16", False, "cpu", 60)[0]["keys"]
+    assert [r["status"] for r in rows] == ["default_kept"] * 2
+    assert [r["config"] for r in rows] == [SHRINK_DEFAULT, EXPAND_DEFAULT]
+    assert all(r["default_us"] == r["tuned_us"] == 2.0 for r in rows)
