@@ -499,3 +499,31 @@ def test_tune_keeps_the_default_when_confirmation_reverses(monkeypatch, tmp_path
     assert [r["status"] for r in rows] == ["default_kept"] * 2
     assert [r["config"] for r in rows] == [SHRINK_DEFAULT, EXPAND_DEFAULT]
     assert all(r["default_us"] == r["tuned_us"] == 2.0 for r in rows)
+
+
+def test_main_ok_result_follows_the_schema(monkeypatch, tmp_path, result_validator):
+    import tune_lora_kernels as tlk
+    clock = SimpleNamespace(now=0.0, recording=False, captured=0.0)
+    _fake_cuda(monkeypatch, clock)
+    monkeypatch.setattr(tlk, "vllm_lora_ops", lambda: _fake_ops(clock))
+    monkeypatch.setattr(tlk, "cuda_missing_reason", lambda device: None)
+    out = tmp_path / "tuning.json"
+    res = tlk.main(MISTRAL, ["qkv_proj", "experts"], 16, 1, [1], str(tmp_path / "cfg"),
+                   str(out), device="cpu", model="m")
+    saved = json.loads(out.read_text())
+    result_validator.validate(saved)
+    assert res["status"] == saved["status"] == "ok"
+    assert saved["params"]["not_tuned_modules"] == ["experts"]
+    assert saved["metrics"]["status_counts"] == {"tuned": 2}
+    assert len(saved["metrics"]["files"]) == 2 and len(saved["samples"]) > 20
+    del saved["metrics"]["files"]
+    with pytest.raises(Exception, match="files"):
+        result_validator.validate(saved)
+
+
+def test_main_with_only_fused_moe_modules_is_unsupported(monkeypatch, tmp_path):
+    import tune_lora_kernels as tlk
+    monkeypatch.setattr(tlk, "cuda_missing_reason", lambda device: None)
+    res = tlk.main({**MISTRAL, "num_local_experts": 8}, ["experts"], 16, 1, [1],
+                   str(tmp_path / "cfg"), str(tmp_path / "t.json"))
+    assert res["status"] == "unsupported" and "fused MoE" in res["reason"]

@@ -17,7 +17,7 @@ Facts from the vLLM 0.26.0 source (paths under vllm/):
   max_loras = lora_ids.size(0) = engine max_loras + 1 (lora_kernel_metadata.py:67, the +1
   is the "no LoRA" id); m = tokens in the call (x.size(0), CUDA-graph padded);
   shrink: k = input size, n = max_lora_rank; expand: k = max_lora_rank, n = the largest
-  output slice (utils.py:274; utils.py:146 MAX_N). The fused MoE ops pass max_loras itself
+  output slice (utils.py:274; utils.py:150 MAX_N). The fused MoE ops pass max_loras itself
   (punica_gpu.py:542-559, 673-690) and k = rank, n = hidden for shrink and expand alike.
 - Fields read: shrink block_m, block_n, block_k, split_k, num_warps, num_stages, num_ctas,
   group_size_m (optional, default 8) (lora_shrink_op.py:210-217); expand block_m, block_n,
@@ -48,7 +48,7 @@ MAX_GRID_PER_KEY = 48
 
 
 def gpu_file_prefix(gpu_name: str) -> str:
-    """torch.cuda.get_device_name() as vLLM puts it in file names (utils.py:170-172)."""
+    """torch.cuda.get_device_name() as vLLM puts it in file names (utils.py:169-171)."""
     if not gpu_name or not str(gpu_name).strip():
         raise ValueError(f"gpu_name must be a non-empty device name, got {gpu_name!r}")
     return str(gpu_name).replace(" ", "_").replace("-", "_")
