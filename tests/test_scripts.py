@@ -51,6 +51,8 @@ ADAPTERS = {
     "r16-zero": {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"], "seed": 1,
                  "b_std": 0.0},
     "r8-gate-up": {"rank": 8, "alpha": 16, "target_modules": ["gate_up_proj"], "seed": 3},
+    "r8-experts": {"rank": 8, "alpha": 16, "seed": 4, "copies": 2,
+                   "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
 }
 BENCH = {"batch_sizes": [1, 2], "prompt_tokens": 16, "output_tokens": 8, "warmup": 1,
          "min_iterations": 2, "min_seconds": 0, "max_iterations": 2, "max_warmup": 2,
@@ -342,6 +344,24 @@ def test_make_adapter_is_deterministic(pipe):
     second = _adapter_tensors(again["metrics"]["paths"][0])
     assert all((first[k] == second[k]).all() for k in first)
     Path(out).unlink()
+
+
+def test_make_adapter_writes_expert_adapters_in_the_layout_vllm_loads(pipe):
+    """vLLM 0.26 silently ignores PEFT's 3D expert layout: make_adapter writes every copy and
+    the control again, per expert, under vLLM's Mixtral names (w1 gate, w3 up, w2 down)."""
+    m = pipe.adapter("tiny-mixtral", "r8-experts")["metrics"]
+    assert len(m["paths"]) == len(m["vllm_paths"]) == 2
+    for peft_dir, vllm_dir in zip(m["paths"] + [m["control_path"]],
+                                  m["vllm_paths"] + [m["vllm_control_path"]]):
+        assert vllm_dir == peft_dir + "-vllm"
+        names = set(_adapter_tensors(vllm_dir))
+        # 2 layers x 4 experts x 3 projections x (A, B)
+        assert len(names) == 2 * 4 * 3 * 2
+        assert "base_model.model.model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight" \
+            in names
+    assert m["vllm_conversion"]["num_experts"] == 4
+    dense = pipe.adapter("tiny-llama", "r16-qv")["metrics"]
+    assert dense["vllm_paths"] == dense["paths"] and dense["vllm_conversion"] is None
 
 
 def test_make_adapter_fused_expert_module_target_is_unsupported(pipe, result_validator):

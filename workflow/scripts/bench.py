@@ -16,7 +16,7 @@ from int4lora.coverage import decode_weight_bytes
 from int4lora.engines import make_engine
 from int4lora.memory import kv_cache_bytes, kv_element_bytes
 from int4lora.resultio import new_result, read_json, recorded_failures, write_result
-from int4lora.upstream import require_ok
+from int4lora.upstream import adapter_dirs, require_ok
 from int4lora.workload import fixed_length_prompts, load_prompts
 
 
@@ -84,7 +84,8 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
         adapter_paths, adapter_bytes = {}, 0
         if adapter:
             meta = up["adapter"]["metrics"]
-            adapter_paths = {f"{adapter}-{i}": p for i, p in enumerate(meta["paths"])}
+            copies, _ = adapter_dirs(meta, cfg.backend)
+            adapter_paths = {f"{adapter}-{i}": p for i, p in enumerate(copies)}
             adapter_bytes = meta["bytes"]
         profile = cfg.profile_decode
         profile_dir = tempfile.mkdtemp(prefix="decode-profile-") if profile else None

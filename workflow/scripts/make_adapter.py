@@ -3,6 +3,10 @@
 Writes `copies` distinct adapters (seed, seed+1, ...) for multi-adapter batches and one
 control adapter whose B is zero (it must leave outputs unchanged). Shapes come from PEFT
 itself on a meta-device model, so nothing is guessed and no weights are loaded.
+
+Expert adapters (PEFT target_parameters on fused 3D experts) are also written in the per-expert
+2D layout vLLM loads (int4lora.lora_layout.convert_expert_adapter_for_vllm): vLLM 0.26 accepts
+PEFT's 3D layout, matches it to no module and silently serves the base model.
 """
 
 import math
@@ -68,6 +72,24 @@ def save_adapter(out_dir: Path, lcfg, tensors: dict, base_path: str) -> None:
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
 
 
+def vllm_copies(staging: Path, fetched: dict, spec: dict, copies: int) -> dict:
+    """Expert adapters rewritten for vLLM beside the PEFT ones (copy<i>-vllm,
+    control-zero-b-vllm); dense adapters are what vLLM loads already."""
+    names = [f"copy{i}" for i in range(copies)] + ["control-zero-b"]
+    if not spec.get("target_parameters"):
+        return {"copies": names[:-1], "control": names[-1], "summary": None}
+    from int4lora.lora_layout import convert_expert_adapter_for_vllm
+    arch = fetched["architecture"]
+    experts = arch.get("num_local_experts") or arch.get("num_experts")
+    summary = None
+    for name in names:
+        summary = convert_expert_adapter_for_vllm(staging / name, staging / f"{name}-vllm",
+                                                  model_type=arch["model_type"],
+                                                  num_experts=int(experts))
+    return {"copies": [f"{n}-vllm" for n in names[:-1]], "control": f"{names[-1]}-vllm",
+            "summary": summary}
+
+
 def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, output: str,
          config: dict | None = None) -> dict:
     import torch
@@ -88,6 +110,7 @@ def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, 
             paths.append(str((root / f"copy{i}").resolve()))
         control = seeded_weights(shapes, spec.get("seed", 0), 0.0, zero_b=True, dtype=dtype)
         save_adapter(staging / "control-zero-b", lcfg, control, fetched["metrics"]["path"])
+        vllm_layout = vllm_copies(staging, fetched["metrics"], spec, spec.get("copies", 1))
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
         n_params = sum(math.prod(s) for s in shapes.values())
@@ -97,6 +120,10 @@ def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, 
             "lora_tensors": len(shapes), "rank": spec["rank"], "alpha": spec["alpha"],
             "targets": sorted({n.split(".lora_")[0].replace(".base_layer", "").rsplit(".", 1)[-1] for n in shapes}),
             "target_parameters": spec.get("target_parameters", []),
+            # the adapters in the layout vLLM loads (the same folders for dense adapters)
+            "vllm_paths": [str((root / f"{d}").resolve()) for d in vllm_layout["copies"]],
+            "vllm_control_path": str((root / vllm_layout["control"]).resolve()),
+            "vllm_conversion": vllm_layout["summary"],
         }
     return write_result(output, result, config, started)
 

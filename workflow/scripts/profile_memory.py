@@ -13,7 +13,7 @@ from int4lora.config import engine_config, lora_plan
 from int4lora.engines import make_engine
 from int4lora.memory import attribute, kv_cache_bytes, kv_element_bytes, process_memory
 from int4lora.resultio import new_result, recorded_failures, write_result
-from int4lora.upstream import require_ok
+from int4lora.upstream import adapter_dirs, require_ok
 from int4lora.workload import fixed_length_prompts, load_prompts
 
 
@@ -38,7 +38,8 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
         arch = up["fetch"]["metrics"]["architecture"]
         import_engine_libraries(cfg.backend)
         before = process_memory(device)
-        adapters = {adapter: up["adapter"]["metrics"]["paths"][0]} if adapter else {}
+        adapters = {adapter: adapter_dirs(up["adapter"]["metrics"], cfg.backend)[0][0]} \
+            if adapter else {}
         adapter_bytes = up["adapter"]["metrics"]["bytes"] if adapter else 0
         eng = make_engine(cfg, up["quantize"]["metrics"]["path"], device=device,
                           adapters=adapters, lora=lora_plan(plan, len(adapters)),

@@ -22,7 +22,7 @@ from int4lora.engines import engine_class, make_engine
 from int4lora.engines.hf_engine import HfEngine
 from int4lora.judge import confident_margin, judge, overall
 from int4lora.resultio import new_result, recorded_failures, write_result
-from int4lora.upstream import require_ok
+from int4lora.upstream import adapter_dirs, require_ok
 from int4lora.workload import eval_sequences, fixed_length_prompts, load_prompts
 
 CONTROL = "control-zero-b"
@@ -98,7 +98,7 @@ def run_engine(cfg, plan: dict, ctx: dict, device: str, log_path: str | None) ->
 def run_reference(cfg, ctx: dict, device: str) -> dict:
     """fp32 reference scores (the engine's own 4-bit weights dequantized, PEFT on top) and, for
     real weights, the original weights' scores and perplexity."""
-    name, path = next(iter(ctx["copies"].items()))
+    name, path = ctx["reference_adapter"]
     kwargs = {"quantize_experts": cfg.quantize_experts} if cfg.backend == "hf" else {}
     ref = engine_class(cfg).reference(ctx["model_path"], ctx["quant_path"], {name: path},
                                       device, **kwargs)
@@ -168,14 +168,19 @@ def measurements(e: dict, r: dict, ctx: dict, th: dict) -> dict:
     return m
 
 
-def load_context(up: dict, val_cfg: dict) -> dict:
+def load_context(up: dict, val_cfg: dict, backend: str) -> dict:
+    """What both sides need: prompts, eval text, and the adapters in the layout each side
+    loads (the engine: its own; the PEFT reference: PEFT's)."""
     from transformers import AutoTokenizer
     fetched, meta = up["fetch"]["metrics"], up["adapter"]["metrics"]
+    name = up["adapter"]["adapter"]
+    copies, control = adapter_dirs(meta, backend)
     tok = AutoTokenizer.from_pretrained(fetched["path"])
     real = not fetched["synthetic"]
     return {"model_path": fetched["path"], "quant_path": up["quantize"]["metrics"]["path"],
-            "copies": {f"{up['adapter']['adapter']}-{i}": p for i, p in enumerate(meta["paths"])},
-            "control_path": meta["control_path"], "real": real, "moe": fetched["moe"],
+            "copies": {f"{name}-{i}": p for i, p in enumerate(copies)},
+            "reference_adapter": (f"{name}-0", meta["paths"][0]),
+            "control_path": control, "real": real, "moe": fetched["moe"],
             "synthetic": fetched["synthetic"], "top_k": val_cfg["top_k"],
             "seqs": fixed_length_prompts(tok, load_prompts(), val_cfg["prompts"],
                                          val_cfg["prompt_tokens"]),
@@ -196,7 +201,7 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
     th = val_cfg["thresholds"]
     with recorded_failures(result):
         up = require_ok(fetch=model_json, quantize=quant_json, adapter=adapter_json)
-        ctx = load_context(up, val_cfg)
+        ctx = load_context(up, val_cfg, cfg.backend)
         e = run_engine(cfg, plan, ctx, device, log_path)
         r = run_reference(cfg, ctx, device)
         m = measurements(e, r, ctx, th)
