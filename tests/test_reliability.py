@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,151 @@ def test_dry_run_prints_no_schema_warning(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "No validator found" not in proc.stdout
     assert "may not be validated correctly" not in proc.stdout
+
+
+# ---- item 7: pinned environments in step --------------------------------------------------
+
+# Where one source may pin another version than the rest, and why (README: "Pinned environments").
+PIN_EXCEPTIONS = {
+    ("numpy", "requirements-cpu.txt"):
+        "snakemake-executor-plugin-slurm 2.8 (the snakemake driver) needs numpy >= 2.4.5; "
+        "mistral-common, a vLLM 0.26 dependency, needs < 2.4 on Python 3.12, so envs/*.yaml and "
+        "the GPU node keep 2.3.5 (they never share a process with the driver)",
+    ("torch", "requirements-cpu.txt"):
+        "the CPU wheel 2.13.0 for tests and the demo; vLLM 0.26 pins torch 2.11.0 (GPU envs; "
+        "the GPU node runs 2.11.0+cu130)",
+    ("compressed-tensors", "vllm.yaml"):
+        "vLLM 0.26.0 pins 0.17.0; llmcompressor 0.14 needs 0.19.0 (quantize.yaml); the GPU "
+        "node runs both in one Python with 0.19.0",
+}
+
+
+def test_every_environment_pins_numpy_and_python_3_12():
+    for source, pins in envpins.all_pins().items():
+        assert "numpy" in pins, source
+    for env in envpins.CONDA_ENVS:
+        conda, _ = envpins.conda_env_pins(ROOT / "envs" / f"{env}.yaml")
+        assert conda.get("python") == "3.12", env
+
+
+def test_pins_agree_wherever_they_overlap():
+    sources = envpins.all_pins()
+    disagreements, stale = [], []
+    for package in sorted({p for pins in sources.values() for p in pins}):
+        pinned = {src: pins[package] for src, pins in sources.items() if package in pins}
+        kept = {src: v for src, v in pinned.items() if (package, src) not in PIN_EXCEPTIONS}
+        if len(set(kept.values())) > 1:
+            disagreements.append(f"{package}: {kept}")
+        for src in pinned.keys() - kept.keys():
+            if pinned[src] in kept.values() or not kept:
+                stale.append(f"{package} in {src}: exception no longer needed")
+    assert not disagreements, "\n".join(disagreements)
+    assert not stale, "\n".join(stale)
+
+
+def test_pin_parser_rejects_a_loose_pin(tmp_path):
+    (tmp_path / "r.txt").write_text("numpy>=2\n")
+    with pytest.raises(ValueError, match=re.escape("'numpy>=2' is not an exact pin")):
+        envpins.requirement_pins(tmp_path / "r.txt")
+
+
+def test_gpu_bundle_lock_is_the_shared_one():
+    shared = ROOT.parent / "shared" / "gpu" / "bundle.lock"
+    if not shared.exists():
+        pytest.skip("no ../shared beside this checkout")
+    assert (ROOT / "envs" / "gpu-bundle.lock").read_text() == shared.read_text()
+
+
+def test_manylinux_platforms_cover_every_tag_up_to_the_floor():
+    tags = envpins.manylinux_platforms(31)
+    assert tags[0] == "manylinux_2_31_x86_64" and "manylinux_2_5_x86_64" in tags
+    assert "manylinux2014_x86_64" in tags and "manylinux_2_32_x86_64" not in tags
+
+
+# ---- item 10: rerun exactly what failed ---------------------------------------------------
+
+def job_blocks(output):
+    """Each job block a (dry) run prints: {"rule", "jobid", "output", "benchmark", "wildcards",
+    "resources"}; the list fields as lists, the key=value fields as dicts."""
+    jobs = []
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n?)+)", output, re.M):
+        job = {"rule": m.group(1), "output": [], "benchmark": [], "wildcards": {},
+               "resources": {}}
+        for line in m.group(2).splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key in ("output", "benchmark"):
+                job[key] = [v.strip() for v in value.split(",")]
+            elif key in ("wildcards", "resources"):
+                job[key] = dict(kv.split("=", 1) for kv in value.split(", "))
+            elif key == "jobid":
+                job["jobid"] = value
+        jobs.append(job)
+    return jobs
+
+
+def _up_to_date_workdir(workdir):
+    """Every output of the offline DAG present and newer than its inputs, without running a
+    job: placeholders with mtimes in the dry run's (topological) order."""
+    proc = run_snakemake(workdir, "-n", configfile=OFFLINE, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    jobs = job_blocks(proc.stdout)
+    start = time.time() - 0.01 * len(jobs)  # after every code change: no rule looks changed
+    for i, job in enumerate(jobs):
+        for name in job["output"] + job["benchmark"]:
+            path = workdir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}\n" if path.suffix == ".json" else "")
+            os.utime(path, (start + 0.01 * i, start + 0.01 * i))
+    return jobs
+
+
+def _plant(path, status):
+    """Rewrite a result as failed, keeping its time (as if the job had written it)."""
+    stat = path.stat()
+    path.write_text(json.dumps({"schema": "bench/v1", "kind": "bench", "status": status,
+                                "reason": "RuntimeError: planted by the test"}))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_rerun_failed_plans_only_the_failed_job_and_what_reads_it(tmp_path):
+    from conftest import job_stats
+    jobs = _up_to_date_workdir(tmp_path)
+    failed = next(j["output"][0] for j in jobs if j["rule"] == "bench_lora")
+    _plant(tmp_path / failed, "error")
+    _plant(tmp_path / next(j["output"][0] for j in jobs if j["rule"] == "validate"), "ok")
+    plain = run_snakemake(tmp_path, "-n", configfile=OFFLINE, timeout=120)
+    assert "Nothing to be done" in plain.stdout, plain.stdout[-3000:]  # Snakemake: all done
+    proc = _run_tool("rerun-failed", "--", "-s", SNAKEFILE, "-n", "--configfile", OFFLINE,
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert job_stats(proc.stdout) == {"bench_lora": 1, "aggregate": 1, "plots": 1, "report": 1,
+                                      "all": 1}, proc.stdout[-3000:]
+    rerun = [j for j in job_blocks(proc.stdout) if j["rule"] == "bench_lora"]
+    assert [j["output"] for j in rerun] == [[failed]]
+
+
+def test_rerun_failed_finds_results_per_preset_and_names_broken_files(tmp_path):
+    rerun = _tool("rerun-failed")
+    root = tmp_path / "results"
+    for rel, status in {"gpu/bench/m/vllm/r16.json": "oom", "gpu/bench/m/hf/r16.json": "ok",
+                        "cpu/validate/m/hf/r16.json": "error", "bench/m/hf/none.json": "error",
+                        "cpu/memory/m/hf/x.json": "unsupported"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps({"schema": "bench/v1", "status": status}))
+    (root / "cpu" / "tables").mkdir()
+    (root / "cpu" / "tables" / "broken.json").write_text('{"schema": "bench/v1", "sta')
+    found, problems = rerun.failed_results([root], {"error", "oom"})
+    assert [str(p.relative_to(root)) for p in found] == [
+        "bench/m/hf/none.json", "cpu/validate/m/hf/r16.json", "gpu/bench/m/vllm/r16.json"]
+    assert len(problems) == 1 and "broken.json" in problems[0]
+
+
+def test_rerun_failed_with_nothing_failed_runs_nothing(tmp_path):
+    (tmp_path / "results").mkdir()
+    proc = _run_tool("rerun-failed", "--", "-n", cwd=tmp_path)
+    assert proc.returncode == 0 and "nothing to rerun" in proc.stdout, proc.stdout
+
+
+def test_rerun_failed_rejects_an_unknown_status(tmp_path):
+    proc = _run_tool("rerun-failed", "--status", "error,crashed", cwd=tmp_path)
+    assert proc.returncode == 2 and "crashed" in proc.stdout, proc.stdout
