@@ -308,6 +308,9 @@ def test_rerun_failed_plans_only_the_failed_job_and_what_reads_it(tmp_path):
     failed = next(j["output"][0] for j in jobs if j["rule"] == "bench_lora")
     _plant(tmp_path / failed, "error")
     _plant(tmp_path / next(j["output"][0] for j in jobs if j["rule"] == "validate"), "ok")
+    stranger = tmp_path / "results" / "old-preset" / "bench" / "m" / "hf" / "r16-qv.json"
+    stranger.parent.mkdir(parents=True)
+    stranger.write_text(json.dumps({"schema": "bench/v1", "status": "oom"}))
     plain = run_snakemake(tmp_path, "-n", configfile=OFFLINE, timeout=120)
     assert "Nothing to be done" in plain.stdout, plain.stdout[-3000:]  # Snakemake: all done
     proc = _run_tool("rerun-failed", "--", "-s", SNAKEFILE, "-n", "--configfile", OFFLINE,
@@ -317,6 +320,9 @@ def test_rerun_failed_plans_only_the_failed_job_and_what_reads_it(tmp_path):
                                       "all": 1}, proc.stdout[-3000:]
     rerun = [j for j in job_blocks(proc.stdout) if j["rule"] == "bench_lora"]
     assert [j["output"] for j in rerun] == [[failed]]
+    # a failed result that this configuration does not produce is left alone, and named
+    assert "results/old-preset/bench/m/hf/r16-qv.json: not an output of this configuration" \
+        in proc.stdout
 
 
 def test_rerun_failed_finds_results_per_preset_and_names_broken_files(tmp_path):

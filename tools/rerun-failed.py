@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def snakemake_workdir(snakemake_args: list[str]) -> Path:
     return Path(args.directory or ".")
 
 
+def dag_outputs(snakemake_args: list[str]) -> set[str]:
+    """Output files (relative to the working directory) of the DAG these Snakemake arguments
+    build, from `snakemake --summary` (plans, deploys and runs nothing)."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *snakemake_args, "--summary"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = proc.stdout.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("output_file\t")), None)
+    if proc.returncode != 0 or header is None:
+        raise RuntimeError(f"snakemake --summary failed:\n{proc.stdout[-3000:]}")
+    return {line.split("\t", 1)[0] for line in lines[header + 1:] if "\t" in line}
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ours, snakemake_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) \
         if "--" in argv else (argv, [])
@@ -94,9 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     wanted = ",".join(sorted(args.status))
     if not failed:
-        print(f"no result with status {wanted} under {', '.join(map(str, roots))}: nothing to rerun")
+        where = ", ".join(map(str, roots))
+        print(f"no result with status {wanted} under {where}: nothing to rerun")
         return 0
+    try:
+        in_dag = dag_outputs(snakemake_args)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     targets = [os.path.relpath(p, workdir) for p in failed]
+    for target in sorted(set(targets) - in_dag):  # Snakemake would stop: "No rule to produce"
+        print(f"warning: {target}: not an output of this configuration (another preset's, or of "
+              "a model or engine no longer configured): left as it is", file=sys.stderr)
+    targets = [t for t in targets if t in in_dag]
+    if not targets:
+        print("no failed result belongs to this configuration: nothing to rerun")
+        return 0
     print(f"rerunning {len(targets)} result(s) with status {wanted}:", *targets, sep="\n  ")
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "snakemake", *snakemake_args,
