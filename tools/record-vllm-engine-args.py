@@ -1,5 +1,5 @@
 """Record vLLM's EngineArgs field names (what `settings:` of a vllm engine may hold) into
-workflow/schemas/vllm-engine-args.json, so that config validation on a machine without vLLM
+resources/vllm-engine-args.json, so that config validation on a machine without vLLM
 checks settings against the real fields. Run where vLLM is importable, or point it at an
 unpacked vLLM source tree:  python tools/record-vllm-engine-args.py [VLLM_SOURCE_DIR]"""
 import ast
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "vllm-engine-args.json"
+OUT = Path(__file__).resolve().parents[1] / "resources" / "vllm-engine-args.json"
 
 
 def from_source(root: Path) -> tuple[str, list[str]]:

@@ -12,7 +12,7 @@ rule measure_bandwidth:
         f"{LOGS}/measure_bandwidth.log",
     benchmark:
         f"{BENCHMARKS}/measure_bandwidth.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         gpu=uses_gpu,
         runtime=5,
@@ -35,7 +35,7 @@ rule bench_baseline:
         f"{LOGS}/bench_baseline/{{model}}/{{engine}}.log",
     benchmark:
         f"{BENCHMARKS}/bench_baseline/{{model}}/{{engine}}.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),
@@ -59,7 +59,7 @@ rule bench_lora:
         f"{LOGS}/bench_lora/{{model}}/{{engine}}/{{adapter}}.log",
     benchmark:
         f"{BENCHMARKS}/bench_lora/{{model}}/{{engine}}/{{adapter}}.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),
@@ -85,7 +85,7 @@ rule profile_memory:
         f"{LOGS}/profile_memory/{{model}}/{{engine}}/{{adapter}}.log",
     benchmark:
         f"{BENCHMARKS}/profile_memory/{{model}}/{{engine}}/{{adapter}}.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),

@@ -63,9 +63,9 @@ def engine_resource(key, default):
     return get
 
 
-def timed_threads(wildcards, threads):
-    """Timed jobs take every core Snakemake was given, so that no other job runs beside them."""
-    return workflow.cores
+# Timed jobs (and the heavy engine jobs) take every core given with --cores, so that no other job
+# runs beside them; a cluster executor gives every job its own share (set by the profile).
+ALL_CORES = workflow.resource_settings.cores or 1
 
 
 def plan(adapter_from_wildcards: bool):

@@ -31,7 +31,7 @@ rule quantize:
         f"{LOGS}/quantize/{{model}}/{{engine}}.log",
     benchmark:
         f"{BENCHMARKS}/quantize/{{model}}/{{engine}}.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         gpu=uses_gpu,
         mem_mb=64000,

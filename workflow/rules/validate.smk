@@ -13,7 +13,7 @@ rule validate:
         f"{LOGS}/validate/{{model}}/{{engine}}/{{adapter}}.log",
     benchmark:
         f"{BENCHMARKS}/validate/{{model}}/{{engine}}/{{adapter}}.tsv"
-    threads: workflow.cores
+    threads: ALL_CORES
     resources:
         gpu=uses_gpu,
         mem_mb=engine_resource("mem_mb", 32000),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from int4lora import models
 from int4lora.resultio import new_result, write_result
+from int4lora.resultio import make_public  # cache files 0644, not 0600
 
 
 def weights_on_disk(model_dir: Path) -> int:
@@ -42,6 +43,7 @@ def main(model: str, spec: dict, cache_dir: str, output: str, device: str = "cpu
             raise ValueError(f"model {model!r}: unknown source {source!r}")
         if source != "local":
             (staging / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            make_public(staging)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
     arch = models.architecture_summary(target)

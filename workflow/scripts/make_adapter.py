@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from int4lora.resultio import ExpectedFailure, new_result, read_json, recorded_failures, write_result
+from int4lora.resultio import make_public  # cache files 0644, not 0600
 
 
 def lora_config(spec: dict):
@@ -111,6 +112,7 @@ def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, 
         control = seeded_weights(shapes, spec.get("seed", 0), 0.0, zero_b=True, dtype=dtype)
         save_adapter(staging / "control-zero-b", lcfg, control, fetched["metrics"]["path"])
         vllm_layout = vllm_copies(staging, fetched["metrics"], spec, spec.get("copies", 1))
+        make_public(staging)
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
         n_params = sum(math.prod(s) for s in shapes.values())

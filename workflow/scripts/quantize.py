@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from int4lora.resultio import ExpectedFailure, new_result, read_json, recorded_failures, write_result
+from int4lora.resultio import make_public  # cache files 0644, not 0600
 
 
 def nf4_recipe(engine_cfg: dict) -> dict:
@@ -71,6 +72,7 @@ def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
     renamed = rename_experts_for_vllm(staging)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
     (staging / ".complete").write_text("ok")
+    make_public(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return {"quantize_s": time.perf_counter() - start, "expert_tensors_renamed_for_vllm": renamed}

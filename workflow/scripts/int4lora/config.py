@@ -37,7 +37,7 @@ def load_schema(name: str = "config") -> dict:
 @lru_cache(maxsize=None)
 def vllm_engine_args() -> tuple[str, frozenset]:
     """(vLLM version, EngineArgs field names) recorded by tools/record-vllm-engine-args.py."""
-    data = json.loads((SCHEMA_DIR / "vllm-engine-args.json").read_text())
+    data = json.loads((SCHEMA_DIR.parents[1] / "resources" / "vllm-engine-args.json").read_text())
     return data["vllm"], frozenset(data["engine_args"])
 
 

@@ -97,17 +97,44 @@ def new_result(kind: str, model: str | None, engine: str | None = None,
             "metrics": {}, "samples": [], "env": {}}
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_public(path: str | os.PathLike) -> None:
+    """Give a file, or every file and folder of a tree, the mode a plain open()/mkdir() gives
+    (0644/0755 under the usual umask 022). Temp-file writers (tempfile.mkstemp, safetensors'
+    save_file) create 0600, and a rename into place keeps that mode."""
+    mask = current_umask()
+    entries = [Path(path)]
+    for parent, dirs, files in os.walk(path):  # symlinks (e.g. to a user's model) stay as they are
+        entries += [Path(parent) / name for name in dirs + files]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write text to a temp file beside `path` and rename it into place: a crash never leaves a
-    half-written file that Snakemake would take as done. World-readable like any plain file
-    (mkstemp would make it 0600)."""
+    half-written file that Snakemake would take as done; the mode is a plain file's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())  # mkstemp's 0600 survives renames
             fh.write(text)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
