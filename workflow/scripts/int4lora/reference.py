@@ -79,22 +79,23 @@ def compressed_state_dict(quant_dir: str | Path, device: str = "cpu") -> dict:
     return out
 
 
-def fuse_experts(state: dict, target_keys: dict) -> dict:
-    """Map per-expert Linear weights (block_sparse_moe.experts.N.{w1,w3,w2} or {gate,up,down}_proj)
-    back to transformers 5 fused experts (mlp.experts.gate_up_proj [E, 2I, H], down_proj)."""
-    import re
-
+def fuse_experts(state: dict, target_keys: dict, model_type: str = "mixtral") -> dict:
+    """Map per-expert Linear weights (checkpoint or vLLM names of this model_type, e.g. Mixtral
+    block_sparse_moe.experts.N.{w1,w3,w2}, Qwen MoE mlp.experts.N.{gate,up,down}_proj) back to
+    transformers 5 fused experts (mlp.experts.gate_up_proj [E, 2I, H] gate rows first,
+    down_proj [E, H, I]); other names go through architectures.checkpoint_to_hf_name."""
     import torch
+
+    from .architectures import checkpoint_to_hf_name, parse_expert_name
+
     fused, rest = {}, {}
-    pattern = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
-    role = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
-            "w2": "down"}
     for key, tensor in state.items():
-        m = pattern.match(key)
-        if m:
-            fused.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[role[m.group(3)]] = tensor
+        parsed = parse_expert_name(key, model_type)
+        if parsed and parsed[3] == "weight":
+            layer, expert, role, _ = parsed
+            fused.setdefault(layer, {}).setdefault(expert, {})[role] = tensor
         else:
-            rest[key.replace("block_sparse_moe.gate.", "mlp.gate.")] = tensor
+            rest[checkpoint_to_hf_name(key, model_type)] = tensor
     for prefix, experts in fused.items():
         order = sorted(experts)
         rest[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(
@@ -111,17 +112,40 @@ def fuse_experts(state: dict, target_keys: dict) -> dict:
     return rest
 
 
-def dequantized_compressed_model(quant_dir: str | Path, original_dir: str | Path, device: str):
-    """An fp32 transformers model holding the dequantized W4A16 weights (built from the
-    original checkpoint, whose weights are then replaced one by one)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def plain_config(model_dir: str | Path):
+    """The model's transformers config without its quantization_config."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
-    model = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32,
-                                                 device_map=device)
-    targets = {k: v.shape for k, v in model.state_dict().items()}
-    state = fuse_experts(compressed_state_dict(quant_dir, device), targets)
+
+def empty_model(config, dtype):
+    """The transformers model with parameters on the meta device and real buffers (rotary
+    tables are computed at init and are not in any checkpoint)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def dequantized_compressed_model(quant_dir: str | Path, original_dir: str | Path | None,
+                                 device: str, dtype=None):
+    """A transformers model (fp32 unless `dtype`) holding the dequantized W4A16 weights, built
+    from the checkpoint's own config.json with empty weights and filled from the checkpoint,
+    so no original 16-bit checkpoint is needed (`original_dir` is accepted and not read)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    config = plain_config(quant_dir)
+    model = empty_model(config, dtype)
+    targets = {k: v.shape for k, v in model.named_parameters()}
+    state = fuse_experts(compressed_state_dict(quant_dir, device), targets, config.model_type)
     if "lm_head.weight" in targets and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict({k: state[k] for k in targets})
-    return model.eval()
+    model.load_state_dict({k: state.pop(k).to(device=device, dtype=dtype) for k in targets},
+                          strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device).eval()

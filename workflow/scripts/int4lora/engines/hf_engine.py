@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..synth4bit import pack_quantized_config
 from .base import BatchTiming, ScoredSequence
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -44,7 +45,10 @@ def load_model(model_path: str, *, quantization: str, compute_dtype: str, device
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(compute_dtype)
-    if quantization == "nf4":
+    if quantization in ("nf4", "none") and pack_quantized_config(model_path) is not None:
+        model = _load_compressed(model_path, quantization, dtype, device, quantize_experts,
+                                 adapters)
+    elif quantization == "nf4":
         from ..nf4_experts import load_nf4_model
         model = load_nf4_model(model_path, compute_dtype=dtype, device_map=device,
                                quantize_experts=quantize_experts, adapters=adapters)
@@ -57,6 +61,19 @@ def load_model(model_path: str, *, quantization: str, compute_dtype: str, device
     model.eval()
     torch.set_grad_enabled(False)
     return model
+
+
+def _load_compressed(model_path, quantization: str, dtype, device: str, quantize_experts: bool,
+                     adapters: dict[str, str] | None):
+    """A compressed-tensors W4A16 checkpoint (synthetic-w4a16): NF4 made layer by layer from its
+    int4 weights, or ('none') its dequantized weights, which are this model's original."""
+    if quantization == "nf4":
+        from ..nf4_experts import load_nf4_from_compressed
+        return load_nf4_from_compressed(model_path, dtype, device,
+                                        quantize_experts=quantize_experts, adapters=adapters)
+    from ..reference import dequantized_compressed_model
+    model = dequantized_compressed_model(model_path, None, device, dtype=dtype)
+    return attach_adapters(model, adapters) if adapters else model
 
 
 def attach_adapters(model, adapters: dict[str, str]):
