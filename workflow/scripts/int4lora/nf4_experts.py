@@ -393,6 +393,16 @@ def _fill_dense(model: nn.Module, reader: _CompressedReader, dtype, device,
                 module._buffers[bname] = buf.to(device)
 
 
+def _placeholder_experts(model: nn.Module, dtype, device) -> None:
+    """Fused experts as zero-stride views of one zero on `device` (no memory): PEFT can wrap
+    them and puts their LoRA weights on `device`; on the meta device it would leave those
+    LoRA weights on meta. _fill_experts replaces them with the real values."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+    for _, module, name in find_fused_experts(model):
+        shape = module._parameters[name].shape
+        setattr(module, name, nn.Parameter(zero.expand(shape), requires_grad=False))
+
+
 def _fill_experts(model: nn.Module, reader: _CompressedReader, dtype, device,
                   quantize: bool) -> None:
     """Fused experts one tensor at a time: dequantized on `device`, then NF4 in place."""
@@ -418,8 +428,8 @@ def load_nf4_from_compressed(ckpt_dir, compute_dtype: torch.dtype, device,
     dequantized on ``device``, rounded to bf16 (what a 16-bit checkpoint of these int4 weights
     would hold), cast to ``compute_dtype`` and quantized to NF4 in place, so the model never
     exists in 16 bit. Adapters are attached while the fused experts are still empty (PEFT
-    matches and nests them as on a bf16 model); each expert tensor is then filled and quantized
-    alone. Returns the model (a PeftModel with adapters).
+    matches and nests them as on a bf16 model: _placeholder_experts); each expert tensor is
+    then filled and quantized alone. Returns the model (a PeftModel with adapters).
     """
     from transformers.quantizers.auto import AutoHfQuantizer
 
@@ -440,14 +450,16 @@ def load_nf4_from_compressed(ckpt_dir, compute_dtype: torch.dtype, device,
         model.tie_weights()
     quantizer.postprocess_model(model)
     model.hf_quantizer, model.config.quantization_config = quantizer, bnb_config
-    model.hf_device_map = {"": str(target)}
     if adapters:
         from peft import PeftModel
+        _placeholder_experts(model, compute_dtype, target)
         names = list(adapters)
         model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0],
-                                          low_cpu_mem_usage=True, torch_device=str(target))
+                                          torch_device=str(target))
         for name in names[1:]:
-            model.load_adapter(adapters[name], adapter_name=name, low_cpu_mem_usage=True,
-                               torch_device=str(target))
+            model.load_adapter(adapters[name], adapter_name=name, torch_device=str(target))
     _fill_experts(model, reader, compute_dtype, target, quantize_experts)
+    # set only now: PEFT dispatches a model whose map names the CPU (meta experts cannot move)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.hf_device_map = {"": str(target)}
     return model.eval()
