@@ -118,8 +118,8 @@ def test_rename_experts_for_vllm_refuses_foreign_expert_names(tmp_path):
     from safetensors.torch import save_file
 
     import quantize
-    save_file({"model.layers.0.mlp.experts.0.w1.weight_packed": torch.zeros(2, 2, dtype=torch.int32)},
-              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    foreign = {"model.layers.0.mlp.experts.0.w1.weight_packed": torch.zeros(2, 2).int()}
+    save_file(foreign, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     with pytest.raises(ValueError, match=r"vLLM would skip.*experts\.0\.w1"):
         quantize.rename_experts_for_vllm(tmp_path)
@@ -129,7 +129,8 @@ def test_rename_experts_for_vllm_refuses_foreign_expert_names(tmp_path):
 def test_registry_matches_vllm_source():
     """The names the registry promises are the ones vLLM 0.26 builds its expert mapping from."""
     mixtral = (VLLM_SRC / "model_executor/models/mixtral.py").read_text()
-    assert 'ckpt_names=("w1", "w2", "w3")' in mixtral and 'prefix=f"{prefix}.block_sparse_moe"' in mixtral
+    assert 'ckpt_names=("w1", "w2", "w3")' in mixtral
+    assert 'prefix=f"{prefix}.block_sparse_moe"' in mixtral
     routed = (VLLM_SRC / "model_executor/layers/fused_moe/routed_experts.py").read_text()
     assert 'ckpt_gate_proj_name: str = "gate_proj"' in routed
     assert 'f"experts.{physical_to_logical_map[expert_id]}.{weight_name}.' in routed

@@ -331,3 +331,15 @@ def test_quantize_pass_through_refuses_what_it_cannot_honour(synth_runs, tmp_pat
                             str(tmp_path / f"{engine}.json"))
         assert res["status"] == "unsupported", engine
     assert "group_size=128" in json.loads((tmp_path / "vllm128.json").read_text())["reason"]
+
+
+def test_qwen2_moe_nf4_keeps_routers_16bit_and_runs(written):
+    """The shared-expert gate is an nn.Linear [1, H]: it must stay 16-bit (a router; bnb's CPU
+    kernel also cannot run a 1-row NF4 linear)."""
+    pytest.importorskip("bitsandbytes")
+    from int4lora.nf4_experts import load_nf4_from_compressed, weight_storage_report
+    model = load_nf4_from_compressed(written["qwen2_moe"], torch.float32, "cpu")
+    fams = weight_storage_report(model)["by_family"]
+    assert fams["router"]["share_4bit"] == 0.0 and set(fams["router"]["by_kind"]) == {"fp32"}
+    assert fams["experts"]["share_4bit"] == 1.0 and fams["dense_mlp"]["share_4bit"] == 1.0
+    assert torch.isfinite(_logits(model)).all()

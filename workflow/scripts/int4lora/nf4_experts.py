@@ -323,54 +323,7 @@ def weight_storage_report(model: nn.Module) -> dict:
     }
 
 
-class _CompressedReader:
-    """Dequantizes one tensor of a compressed-tensors checkpoint at a time, on `device`, and
-    rounds it to bf16 as a 16-bit checkpoint of the same int4 weights would hold it."""
-
-    def __init__(self, ckpt_dir, device: torch.device, model_type: str):
-        import json
-        from pathlib import Path
-        self.dir, self.device, self.model_type = Path(ckpt_dir), device, model_type
-        qcfg = json.loads((self.dir / "config.json").read_text())["quantization_config"]
-        self.args = next(iter(qcfg["config_groups"].values()))["weights"]
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            self.files = json.loads(index.read_text())["weight_map"]
-        else:
-            from safetensors import safe_open
-            with safe_open(str(self.dir / "model.safetensors"), "pt") as fh:
-                self.files = dict.fromkeys(fh.keys(), "model.safetensors")
-
-    def _raw(self, name: str):
-        from safetensors import safe_open
-        dev = "cpu" if self.device.type == "cpu" else str(self.device)
-        with safe_open(str(self.dir / self.files[name]), "pt", device=dev) as fh:
-            return fh.get_tensor(name)
-
-    def checkpoint_tensor(self, name: str) -> torch.Tensor:
-        """bf16 value of checkpoint weight `name` (dequantized when it is packed)."""
-        from .reference import _dequantize_packed
-        if f"{name}_packed" in self.files:
-            value = _dequantize_packed(self._raw(f"{name}_packed"), self._raw(f"{name}_scale"),
-                                       self._raw(f"{name}_shape"), self.args)
-            return value.to(torch.bfloat16)
-        return self._raw(name)
-
-    def hf_tensor(self, hf_name: str) -> torch.Tensor:
-        from .architectures import hf_to_checkpoint_name
-        return self.checkpoint_tensor(hf_to_checkpoint_name(hf_name, self.model_type))
-
-    def fused_experts(self, hf_name: str, n_experts: int) -> torch.Tensor:
-        """A transformers 5 fused expert tensor ([E, 2I, H] gate_up, [E, H, I] down)."""
-        from .architectures import vllm_expert_tensor
-        layer = hf_name.split(".mlp.experts.")[0]
-        roles = ("gate", "up") if hf_name.endswith("gate_up_proj") else ("down",)
-        return torch.stack([torch.cat([self.checkpoint_tensor(
-            vllm_expert_tensor(layer, e, role, "weight", self.model_type)) for role in roles])
-            for e in range(n_experts)])
-
-
-def _fill_dense(model: nn.Module, reader: _CompressedReader, dtype, device,
+def _fill_dense(model: nn.Module, reader, dtype, device,
                 skip: set[str]) -> None:
     """Every parameter but the fused experts: linears become NF4 (transformers' own
     Bnb4bitQuantize route), the rest is copied; buffers move to `device`."""
@@ -403,15 +356,14 @@ def _placeholder_experts(model: nn.Module, dtype, device) -> None:
         setattr(module, name, nn.Parameter(zero.expand(shape), requires_grad=False))
 
 
-def _fill_experts(model: nn.Module, reader: _CompressedReader, dtype, device,
+def _fill_experts(model: nn.Module, reader, dtype, device,
                   quantize: bool) -> None:
     """Fused experts one tensor at a time: dequantized on `device`, then NF4 in place."""
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
     patch_peft_param_wrapper()
     for mod_name, module, name in find_fused_experts(model):
-        hf_name = re.sub(r"\.base_layer(?=\.|$)", "", mod_name).removeprefix("base_model.model.")
         shape = module._parameters[name].shape
-        value = reader.fused_experts(f"{hf_name}.{name}", shape[0]).to(device=device, dtype=dtype)
+        value = reader.fused_experts(f"{mod_name}.{name}", shape[0]).to(device=device, dtype=dtype)
         setattr(module, name, nn.Parameter(value, requires_grad=False))
         if quantize:
             replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4",
@@ -433,7 +385,7 @@ def load_nf4_from_compressed(ckpt_dir, compute_dtype: torch.dtype, device,
     """
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    from .reference import empty_model, plain_config
+    from .reference import CompressedReader, empty_model, plain_config
 
     target = _single_device(device)
     if target is None:
@@ -443,7 +395,7 @@ def load_nf4_from_compressed(ckpt_dir, compute_dtype: torch.dtype, device,
     bnb_config = nf4_config(model, compute_dtype)
     quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
     quantizer.preprocess_model(model, dtype=compute_dtype, device_map={"": str(target)})
-    reader = _CompressedReader(ckpt_dir, target, config.model_type)
+    reader = CompressedReader(ckpt_dir, target, config.model_type)
     experts = {f"{m}.{n}" for m, _, n in find_fused_experts(model)}
     _fill_dense(model, reader, compute_dtype, target, experts)
     if config.tie_word_embeddings:

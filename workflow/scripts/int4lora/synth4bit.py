@@ -265,7 +265,8 @@ def write_checkpoint(out_dir, model_type: str, arch: dict, seed: int, group_size
     weight_map = _write_shards(out_dir, shards, seed, group_size, device)
     written = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     if len(shards) > 1:
-        index = {"metadata": {"total_size": written}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": written},
+                 "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     _write_config(out_dir, config, group_size)
     n_int4 = sum(math.prod(t.shape) for t in plan if t.kind == "int4")
