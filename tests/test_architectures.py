@@ -31,6 +31,8 @@ def test_build_config_any_known_model_type_and_rejects_unknown_fields():
     assert type(cfg).__name__ == "Qwen3Config" and cfg.hidden_size == 64
     with pytest.raises(ValueError, match="num_hiden_layers"):
         arch.build_config("mixtral", {"num_hiden_layers": 2})
+    legacy = arch.build_config("qwen2", {"rope_theta": 1e6})  # consumed into rope_parameters
+    assert legacy.rope_parameters["rope_theta"] == 1e6
 
 
 def test_model_type_of_accepts_the_architecture_alias():

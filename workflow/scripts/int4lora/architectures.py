@@ -159,10 +159,13 @@ def build_config(model_type: str, arch: dict, **fixed):
 
     check_model_type(model_type)
     defaults = CONFIG_MAPPING[model_type]()
-    unknown = sorted(k for k in arch if not hasattr(defaults, k))
+    config = AutoConfig.for_model(model_type, **{**arch, **fixed})
+    # a field the class does not know is kept verbatim as an extra attribute (a typo); legacy
+    # kwargs such as rope_theta are consumed (into rope_parameters) and leave none
+    unknown = sorted(k for k in arch if not hasattr(defaults, k) and hasattr(config, k))
     if unknown:
         raise ValueError(f"{model_type}: unknown config field(s) {unknown}")
-    return AutoConfig.for_model(model_type, **{**arch, **fixed})
+    return config
 
 
 def moe_layout(config) -> dict | None:
