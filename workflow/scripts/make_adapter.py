@@ -10,12 +10,11 @@ PEFT's 3D layout, matches it to no module and silently serves the base model.
 """
 
 import math
-import shutil
 import time
 from pathlib import Path
 
+from int4lora.cache import staged
 from int4lora.resultio import ExpectedFailure, new_result, read_json, recorded_failures, write_result
-from int4lora.resultio import make_public  # cache files 0644, not 0600
 
 
 def lora_config(spec: dict):
@@ -91,41 +90,45 @@ def vllm_copies(staging: Path, fetched: dict, spec: dict, copies: int) -> dict:
             "summary": summary}
 
 
+def write_adapters(root: Path, shapes: dict, lcfg, spec: dict, fetched: dict) -> dict:
+    """copy<i> (seed + i), the zero-B control and, for expert adapters, their vLLM layout; all
+    staged into `root` (a failure leaves nothing behind)."""
+    import torch
+    dtype = getattr(torch, spec.get("dtype", "bfloat16"))
+    base_path = fetched["path"]
+    with staged(root) as staging:
+        for i in range(spec.get("copies", 1)):
+            tensors = seeded_weights(shapes, spec.get("seed", 0) + i, spec.get("b_std", 0.02),
+                                     zero_b=False, dtype=dtype)
+            save_adapter(staging / f"copy{i}", lcfg, tensors, base_path)
+        control = seeded_weights(shapes, spec.get("seed", 0), 0.0, zero_b=True, dtype=dtype)
+        save_adapter(staging / "control-zero-b", lcfg, control, base_path)
+        vllm_layout = vllm_copies(staging, fetched, spec, spec.get("copies", 1))
+    return {"dtype_bytes": dtype.itemsize, **vllm_layout}
+
+
 def main(model: str, adapter: str, spec: dict, model_json: str, cache_dir: str, output: str,
          config: dict | None = None) -> dict:
-    import torch
     started = time.time()
     fetched = read_json(model_json)
     result = new_result("adapter", model, adapter=adapter, params={"spec": spec})
     with recorded_failures(result):
         shapes, lcfg = adapter_shapes(fetched["metrics"]["path"], spec)
-        root = Path(cache_dir) / "adapters" / model / adapter
-        staging = root.with_name(root.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        dtype = getattr(torch, spec.get("dtype", "bfloat16"))
-        paths = []
-        for i in range(spec.get("copies", 1)):
-            tensors = seeded_weights(shapes, spec.get("seed", 0) + i, spec.get("b_std", 0.02),
-                                     zero_b=False, dtype=dtype)
-            save_adapter(staging / f"copy{i}", lcfg, tensors, fetched["metrics"]["path"])
-            paths.append(str((root / f"copy{i}").resolve()))
-        control = seeded_weights(shapes, spec.get("seed", 0), 0.0, zero_b=True, dtype=dtype)
-        save_adapter(staging / "control-zero-b", lcfg, control, fetched["metrics"]["path"])
-        vllm_layout = vllm_copies(staging, fetched["metrics"], spec, spec.get("copies", 1))
-        make_public(staging)
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)
+        root = (Path(cache_dir) / "adapters" / model / adapter).resolve()
+        written = write_adapters(root, shapes, lcfg, spec, fetched["metrics"])
         n_params = sum(math.prod(s) for s in shapes.values())
         result["metrics"] = {
-            "paths": paths, "control_path": str((root / "control-zero-b").resolve()),
-            "parameters": n_params, "bytes": n_params * dtype.itemsize,
+            "paths": [str(root / f"copy{i}") for i in range(spec.get("copies", 1))],
+            "control_path": str(root / "control-zero-b"),
+            "parameters": n_params, "bytes": n_params * written["dtype_bytes"],
             "lora_tensors": len(shapes), "rank": spec["rank"], "alpha": spec["alpha"],
-            "targets": sorted({n.split(".lora_")[0].replace(".base_layer", "").rsplit(".", 1)[-1] for n in shapes}),
+            "targets": sorted({n.split(".lora_")[0].replace(".base_layer", "").rsplit(".", 1)[-1]
+                               for n in shapes}),
             "target_parameters": spec.get("target_parameters", []),
             # the adapters in the layout vLLM loads (the same folders for dense adapters)
-            "vllm_paths": [str((root / f"{d}").resolve()) for d in vllm_layout["copies"]],
-            "vllm_control_path": str((root / vllm_layout["control"]).resolve()),
-            "vllm_conversion": vllm_layout["summary"],
+            "vllm_paths": [str(root / d) for d in written["copies"]],
+            "vllm_control_path": str(root / written["control"]),
+            "vllm_conversion": written["summary"],
         }
     return write_result(output, result, config, started)
 

@@ -3,17 +3,19 @@
 hf:   bitsandbytes NF4 happens at load time; this records the recipe.
 vllm: w4a16 -> llmcompressor `oneshot` writes a compressed-tensors checkpoint to the cache
       (keyed by model + recipe); bitsandbytes -> vLLM quantizes in flight, recipe recorded.
+A model fetched as `synthetic-w4a16` already is a W4A16 checkpoint (synth4bit): vllm w4a16
+passes it through; hf records NF4 made from its dequantized int4 weights at load.
 """
 
-import hashlib
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
+from int4lora import architectures
+from int4lora.cache import cache_key, damage, is_complete, staged
 from int4lora.resultio import ExpectedFailure, new_result, read_json, recorded_failures, write_result
-from int4lora.resultio import make_public  # cache files 0644, not 0600
+from int4lora.synth4bit import pack_quantized_config
 
 
 def nf4_recipe(engine_cfg: dict) -> dict:
@@ -23,11 +25,30 @@ def nf4_recipe(engine_cfg: dict) -> dict:
             "when": "at load"}
 
 
-def w4a16_recipe(group_size: int) -> dict:
+def w4a16_recipe(group_size: int, model_type: str | None = None) -> dict:
+    """The llmcompressor recipe; routers and (Qwen2-MoE) the shared-expert gate stay 16-bit,
+    since vLLM builds those layers unquantized (architectures.w4a16_ignore)."""
     return {"method": "llmcompressor.oneshot", "scheme": "W4A16", "format": "pack-quantized",
             "num_bits": 4, "symmetric": True, "strategy": "group", "group_size": group_size,
-            "targets": ["Linear"], "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*router$"],
-            "expert_names": "vllm (w1/w2/w3)"}
+            "targets": ["Linear"], "ignore": architectures.w4a16_ignore(model_type),
+            "expert_names": _vllm_expert_names(model_type)}
+
+
+def _vllm_expert_names(model_type: str | None) -> str:
+    moe = architectures.FAMILIES.get(model_type, architectures.Family("")).moe
+    if moe is None or model_type == "mixtral":
+        return "vllm (w1/w2/w3)"
+    return f"vllm ({'/'.join(sorted(moe.vllm_expert_names))})"
+
+
+def prequantized_recipe(qcfg: dict) -> dict:
+    """What a synthetic-w4a16 checkpoint holds (no llmcompressor run)."""
+    weights = next(iter(qcfg["config_groups"].values()))["weights"]
+    return {"method": "written directly in W4A16 by synth4bit", "scheme": "W4A16",
+            "format": qcfg["format"], "num_bits": weights["num_bits"],
+            "symmetric": weights["symmetric"], "strategy": weights["strategy"],
+            "group_size": weights["group_size"], "ignore": qcfg["ignore"],
+            "expert_names": "vllm", "synthetic": True}
 
 
 def indivisible_layers(model, group_size: int, ignore_names=("lm_head",)) -> list[str]:
@@ -66,50 +87,91 @@ def quantize_w4a16(model_dir: str, out_dir: Path, recipe: dict) -> dict:
         ignore=recipe["ignore"])
     start = time.perf_counter()
     oneshot(model=model, recipe=modifier)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, save_compressed=True)
-    renamed = rename_experts_for_vllm(staging)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
-    (staging / ".complete").write_text("ok")
-    make_public(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged(out_dir) as staging:
+        model.save_pretrained(staging, save_compressed=True)
+        renamed = rename_experts_for_vllm(staging, model.config.model_type)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging)
     return {"quantize_s": time.perf_counter() - start, "expert_tensors_renamed_for_vllm": renamed}
 
 
-# vLLM's Mixtral loader reads experts as w1 (gate), w2 (down), w3 (up) and silently skips any
-# other expert name (vllm/model_executor/layers/fused_moe/routed_experts.py load_weights),
-# leaving those experts uninitialised; transformers 5 + llmcompressor write gate/up/down_proj.
-VLLM_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-_EXPERT_KEY = re.compile(r"(\.block_sparse_moe\.experts\.\d+\.)(gate_proj|down_proj|up_proj)\.")
+def _model_type(ckpt_dir: Path, names) -> str | None:
+    cfg = ckpt_dir / "config.json"
+    if cfg.exists():
+        return json.loads(cfg.read_text()).get("model_type")
+    return "mixtral" if any(".block_sparse_moe.experts." in n for n in names) else None
 
 
-def rename_experts_for_vllm(ckpt_dir: Path) -> int:
-    """Rewrite per-expert tensor names of a saved checkpoint to vLLM's Mixtral names."""
+def rename_experts_for_vllm(ckpt_dir: Path, model_type: str | None = None) -> int:
+    """Rewrite per-expert tensor names of a saved checkpoint to what vLLM 0.26 loads for this
+    model_type (Mixtral: w1/w2/w3; Qwen MoE: gate/up/down_proj, as llmcompressor writes).
+
+    vLLM skips expert names it does not expect without a word and serves those experts
+    uninitialised, so an expert tensor that still has a foreign name afterwards is an error.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    renamed = 0
-    mapping = {}
+    ckpt_dir = Path(ckpt_dir)
+    renamed, mapping = 0, {}
     for path in sorted(ckpt_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata()
-            tensors = {}
-            for key in fh.keys():
-                new = _EXPERT_KEY.sub(lambda m: m.group(1) + VLLM_EXPERT_NAMES[m.group(2)] + ".",
-                                      key)
-                renamed += new != key
+            keys = list(fh.keys())
+            model_type = model_type or _model_type(ckpt_dir, keys)
+            if model_type is None or architectures.family(model_type).moe is None:
+                continue
+            meta, tensors, changed = fh.metadata(), {}, False
+            for key in keys:
+                new = architectures.to_vllm_name(key, model_type)
                 mapping[key] = new
+                changed |= new != key
                 tensors[new] = fh.get_tensor(key)
-        if any(mapping[k] != k for k in mapping):
+        renamed += sum(mapping[k] != k for k in keys)
+        if changed:
             save_file(tensors, str(path), metadata=meta)
+    bad = architectures.misnamed_experts(mapping.values(), model_type) if model_type else []
+    if bad:
+        raise ValueError(f"{len(bad)} expert tensor(s) that vLLM would skip for {model_type}, "
+                         f"e.g. {bad[0]}")
     index = ckpt_dir / "model.safetensors.index.json"
-    if index.exists():
+    if renamed and index.exists():
         data = json.loads(index.read_text())
         data["weight_map"] = {mapping.get(k, k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
     return renamed
+
+
+def _tensor_names(ckpt_dir) -> list[str]:
+    from safetensors import safe_open
+    names = []
+    for path in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            names += list(fh.keys())
+    return names
+
+
+def pass_through(qcfg: dict, fetched: dict, backend: str, quant: str, engine_cfg: dict) -> dict:
+    """Metrics of a model that is already a W4A16 checkpoint (source synthetic-w4a16)."""
+    path = fetched["path"]
+    if backend == "hf":
+        recipe = {**nf4_recipe(engine_cfg),
+                  "from": "compressed-tensors W4A16 checkpoint, dequantized layer by layer "
+                          "and quantized to NF4 at load (load_nf4_from_compressed)"}
+        return {"recipe": recipe, "path": path}
+    if quant != "w4a16":
+        raise ExpectedFailure("unsupported", f"vLLM {quant} needs 16-bit weights; this model "
+                              "is a W4A16 checkpoint (source synthetic-w4a16)")
+    recipe = prequantized_recipe(qcfg)
+    wanted = engine_cfg.get("group_size")
+    if wanted is not None and wanted != recipe["group_size"]:
+        raise ExpectedFailure("unsupported", f"engine group_size={wanted} but the checkpoint "
+                              f"was written with group_size={recipe['group_size']}")
+    bad = architectures.misnamed_experts(_tensor_names(path), fetched["architecture"]["model_type"])
+    if bad:
+        raise ValueError(f"{len(bad)} expert tensor(s) in {path} that vLLM would skip, "
+                         f"e.g. {bad[0]}")
+    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return {"recipe": recipe, "path": path, "checkpoint_bytes": size, "cached": True,
+            "expert_tensors_renamed_for_vllm": 0}
 
 
 def main(model: str, engine: str, engine_cfg: dict, model_json: str, cache_dir: str,
@@ -120,19 +182,23 @@ def main(model: str, engine: str, engine_cfg: dict, model_json: str, cache_dir: 
     result = new_result("quantize", model, engine, params={"backend": backend,
                                                            "quantization": quant})
     with recorded_failures(result):
-        if backend == "hf":
+        prequantized = pack_quantized_config(fetched["metrics"]["path"])
+        if prequantized is not None:
+            result["metrics"] = pass_through(prequantized, fetched["metrics"], backend, quant,
+                                             engine_cfg)
+        elif backend == "hf":
             result["metrics"] = {"recipe": nf4_recipe(engine_cfg), "path": fetched["metrics"]["path"]}
         elif quant == "bitsandbytes":
             result["metrics"] = {"recipe": {"method": "vllm in-flight bitsandbytes",
                                             "quant_type": "nf4", "when": "at load"},
                                  "path": fetched["metrics"]["path"]}
         elif quant == "w4a16":
-            recipe = w4a16_recipe(engine_cfg.get("group_size", 128))
-            key = hashlib.sha256(json.dumps([fetched["metrics"]["path"], recipe],
-                                            sort_keys=True).encode()).hexdigest()[:12]
-            out_dir = Path(cache_dir) / "quantized" / f"{model}-w4a16-{key}"
+            model_type = fetched["metrics"].get("architecture", {}).get("model_type")
+            recipe = w4a16_recipe(engine_cfg.get("group_size", 128), model_type)
+            out_dir = Path(cache_dir) / "quantized" / \
+                f"{model}-w4a16-{cache_key(fetched['metrics']['path'], recipe)}"
             details = {"cached": True}
-            if not (out_dir / ".complete").exists():
+            if not is_complete(out_dir) or damage(out_dir) is not None:
                 details = quantize_w4a16(fetched["metrics"]["path"], out_dir, recipe)
             size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
             result["metrics"] = {"recipe": recipe, "path": str(out_dir.resolve()),

@@ -169,7 +169,10 @@ def check_config(config: dict, models: dict | None = None) -> list[str]:
     for name, eng in engines.items():
         if eng["backend"] == "vllm":
             errors += vllm_settings_errors(eng.get("settings") or {}, f"engines.{name}.settings")
-    for name, spec in (models or config["models"]).items():
+    from .architectures import config_errors
+    models = models or config["models"]
+    errors += config_errors(models)
+    for name, spec in models.items():
         errors += _model_errors(name, spec, config)
     errors += _cache_dir_errors(config["cache_dir"])
     for name, ad in adapters.items():
@@ -179,6 +182,7 @@ def check_config(config: dict, models: dict | None = None) -> list[str]:
 
 
 def _model_errors(name: str, spec: dict, config: dict) -> list[str]:
+    from .architectures import spec_is_moe
     errors = []
     bench, val = config["benchmark"], config["validation"]
     engines, adapters = config["engines"], config["adapters"]
@@ -192,10 +196,7 @@ def _model_errors(name: str, spec: dict, config: dict) -> list[str]:
                           f"(configured: {', '.join(adapters)})")
             continue
         ad = adapters[adapter]
-        is_moe = bool((spec.get("arch") or {}).get("num_local_experts")
-                      or (spec.get("arch") or {}).get("num_experts")) \
-            if spec.get("source", "").startswith("synthetic") else True
-        if ad.get("moe_only") and not is_moe:
+        if ad.get("moe_only") and not spec_is_moe(spec):
             errors.append(f"models.{name}.adapters: adapter {adapter!r} targets MoE experts "
                           f"but {name!r} is not a MoE model")
         uses_vllm = any(engines.get(e, {}).get("backend") == "vllm" for e in spec["engines"])

@@ -4,28 +4,18 @@ The same family names are used for loaded HF models (nf4_experts.weight_storage_
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from .architectures import module_family
 
 FAMILIES = ("attention", "dense_mlp", "experts", "router", "embeddings", "lm_head", "norm",
             "lora", "other")
-_RULES = [
-    ("lora", r"lora_[AB]|lora_embedding"),
-    ("norm", r"norm\.|norm$|\.ln_"),
-    ("experts", r"\.experts\.|block_sparse_moe\.experts|\.w[123]\.|gate_up_proj(?!\.)"),
-    ("router", r"block_sparse_moe\.gate\.|mlp\.gate\.|\.router\."),
-    ("attention", r"self_attn|\.attn\.|attention"),
-    ("dense_mlp", r"\.mlp\."),
-    ("embeddings", r"embed_tokens|wte|word_embeddings"),
-    ("lm_head", r"lm_head"),
-]
 
 
 def family_of(name: str) -> str:
-    for family, pattern in _RULES:
-        if re.search(pattern, name):
-            return family
-    return "other"
+    """Module family of a tensor name (rules per architecture family: architectures.py);
+    a shared expert is dense_mlp (every token runs it), its gate a router."""
+    return module_family(name)
 
 
 def _empty():
@@ -85,7 +75,8 @@ def decode_weight_bytes(storage: dict, arch: dict, batch: int) -> int:
     dense = sum(f["bytes"] for name, f in fams.items()
                 if name not in ("experts", "embeddings", "lora"))
     experts = fams["experts"]["bytes"]
-    n_exp, k = arch.get("num_local_experts"), arch.get("num_experts_per_tok")
+    n_exp = arch.get("num_local_experts") or arch.get("num_experts")
+    k = arch.get("num_experts_per_tok")
     if n_exp and k:
         experts *= 1 - (1 - k / n_exp) ** batch
     if arch.get("tie_word_embeddings") or fams["lm_head"]["bytes"] == 0:
@@ -98,6 +89,7 @@ def from_loaded_model(report: dict) -> dict:
     families = _empty()
     for name, fam in report["by_family"].items():
         four_bit = sum(v["bytes"] for k, v in fam["by_kind"].items() if k in ("nf4", "fp4"))
-        families[name] = {"bytes": fam["bytes"], "elements": fam["params"],
+        families[name] = {"bytes": fam["bytes"],
+                          "elements": fam["params"] - fam.get("bias_params", 0),
                           "elements_4bit": fam["params_4bit"], "bytes_4bit": four_bit}
     return finish(families, {k: v["bytes"] for k, v in report["by_kind"].items()})

@@ -10,11 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
-}
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>"]
 
 
@@ -34,31 +29,36 @@ def byte_tokenizer():
                                    unk_token="<unk>")
 
 
-def synthesize(out_dir: Path, architecture: str, arch_config: dict, seed: int,
+def synthesize(out_dir: Path, model_type: str, arch_config: dict, seed: int,
                dtype: str = "bfloat16", device: str = "cpu") -> dict:
-    """Build an architecture from its config with seeded random weights and save it."""
+    """Build any causal-LM model_type transformers knows from its config fields, with seeded
+    random weights (biases too: transformers leaves them zero, which would hide a lost bias),
+    and save it with the byte tokenizer."""
     import torch
-    import transformers
+    from transformers import AutoModelForCausalLM
 
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown synthetic architecture {architecture!r} "
-                         f"(known: {', '.join(ARCHITECTURES)})")
-    config_cls, model_cls = (getattr(transformers, n) for n in ARCHITECTURES[architecture])
+    from .architectures import build_config
+
     tokenizer = byte_tokenizer()
-    cfg = config_cls(**arch_config, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                     tie_word_embeddings=arch_config.get("tie_word_embeddings", False))
+    cfg = build_config(model_type, arch_config, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                       tie_word_embeddings=arch_config.get("tie_word_embeddings", False))
     if cfg.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the byte tokenizer "
                          f"({len(tokenizer)} tokens)")
     torch.manual_seed(seed)
     with torch.device(device):
-        model = model_cls(cfg).to(getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, cfg.initializer_range)
     model.generation_config.pad_token_id = 1
     model.save_pretrained(out_dir, max_shard_size="5GB")
     tokenizer.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     del model
-    return {"parameters": n_params, "synthetic": True, "seed": seed, "dtype": dtype}
+    return {"parameters": n_params, "synthetic": True, "seed": seed, "dtype": dtype,
+            "model_type": model_type}
 
 
 def convert_gguf_package(out_dir: Path, package: str, filename: str | None,
@@ -141,6 +141,7 @@ def architecture_summary(model_dir: Path) -> dict:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "num_local_experts",
-            "num_experts_per_tok", "head_dim")
+            "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "head_dim")
     return {k: cfg.get(k) for k in keys if cfg.get(k) is not None}
 

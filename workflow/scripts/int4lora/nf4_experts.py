@@ -165,13 +165,27 @@ def _single_device(device_map) -> torch.device | None:
     return device
 
 
-def _has_fused_experts(path, trust_remote_code: bool = False) -> bool:
+def _skeleton(path, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return bool(find_fused_experts(skeleton))
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def nf4_config(skeleton: nn.Module, compute_dtype: torch.dtype):
+    """BitsAndBytesConfig (NF4, double quant) that also leaves router-family nn.Linear layers
+    (Qwen2-MoE's shared_expert_gate, [1, H]) in 16 bit: routers are never quantized, and bnb's
+    CPU kernel cannot run a 1-row NF4 linear. Other models keep transformers' default skips."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    routers = [n for n, m in skeleton.named_modules()
+               if isinstance(m, nn.Linear) and family_of(f"{n}.weight") == "router"]
+    skip = sorted(set(get_keys_to_not_convert(skeleton)) | set(routers)) if routers else None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=skip)
 
 
 def load_nf4_model(path, *, compute_dtype: torch.dtype, device_map, quantize_experts: bool = True,
@@ -192,13 +206,12 @@ def load_nf4_model(path, *, compute_dtype: torch.dtype, device_map, quantize_exp
     nesting is the same as on the bf16 model they were made on. Returns the model (a PeftModel
     when adapters are given).
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute_dtype)
+    skeleton = _skeleton(path, trust_remote_code)
+    bnb_config = nf4_config(skeleton, compute_dtype)
     target = _single_device(device_map)
-    moe = _has_fused_experts(path, trust_remote_code)
+    moe = bool(find_fused_experts(skeleton))
     if moe and quantize_experts and target is None:
         raise ValueError("load_nf4_model: MoE models need a single-device device_map, "
                          f"got {device_map!r}")
@@ -276,11 +289,12 @@ def weight_storage_report(model: nn.Module) -> dict:
     element count under ``params`` and their packed data plus quant state (absmax, nested
     absmax, code books, offset) under ``bytes``; the dequantized views are never counted.
     Buffers (rotary tables) are not weights and are left out. ``share_4bit`` is the fraction of
-    a family's weight elements stored in 4 bits.
+    a family's weight elements stored in 4 bits; biases (Qwen2's q/k/v, never quantized by any
+    engine) are counted in ``params`` and ``bias_params`` but not in the share.
     """
     by_kind: dict[str, dict] = {}
-    by_family = {f: {"bytes": 0, "params": 0, "params_4bit": 0, "tensors": 0, "by_kind": {}}
-                 for f in FAMILIES}
+    by_family = {f: {"bytes": 0, "params": 0, "params_4bit": 0, "bias_params": 0, "tensors": 0,
+                     "by_kind": {}} for f in FAMILIES}
     for name, kind, n, nbytes in _storage(model):
         k = by_kind.setdefault(kind, {"bytes": 0, "params": 0, "tensors": 0})
         k["bytes"] += nbytes
@@ -291,11 +305,13 @@ def weight_storage_report(model: nn.Module) -> dict:
         fam["params"] += n
         fam["tensors"] += 1
         fam["params_4bit"] += n if kind in _FOUR_BIT else 0
+        fam["bias_params"] += n if name.endswith(".bias") else 0
         fk = fam["by_kind"].setdefault(kind, {"bytes": 0, "params": 0})
         fk["bytes"] += nbytes
         fk["params"] += n
     for fam in by_family.values():
-        fam["share_4bit"] = fam["params_4bit"] / fam["params"] if fam["params"] else None
+        weights = fam["params"] - fam["bias_params"]
+        fam["share_4bit"] = fam["params_4bit"] / weights if weights else None
     total_params = sum(f["params"] for f in by_family.values())
     params_4bit = sum(f["params_4bit"] for f in by_family.values())
     return {
@@ -305,3 +321,97 @@ def weight_storage_report(model: nn.Module) -> dict:
         "by_kind": by_kind,
         "by_family": {f: v for f, v in by_family.items() if v["tensors"]},
     }
+
+
+def _fill_dense(model: nn.Module, reader, dtype, device,
+                skip: set[str]) -> None:
+    """Every parameter but the fused experts: linears become NF4 (transformers' own
+    Bnb4bitQuantize route), the rest is copied; buffers move to `device`."""
+    import bitsandbytes as bnb
+    modules = dict(model.named_modules())
+    for name, param in list(model.named_parameters()):
+        if name in skip:
+            continue
+        owner_name, _, pname = name.rpartition(".")
+        owner = modules[owner_name]
+        value = reader.hf_tensor(name).to(device=device, dtype=dtype)
+        if isinstance(owner, bnb.nn.Linear4bit) and pname == "weight":
+            new = bnb.nn.Params4bit(value, requires_grad=False, **param.__dict__).to(device)
+        else:
+            new = nn.Parameter(value, requires_grad=False)
+        setattr(owner, pname, new)
+    for module in model.modules():
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[bname] = buf.to(device)
+
+
+def _placeholder_experts(model: nn.Module, dtype, device) -> None:
+    """Fused experts as zero-stride views of one zero on `device` (no memory): PEFT can wrap
+    them and puts their LoRA weights on `device`; on the meta device it would leave those
+    LoRA weights on meta. _fill_experts replaces them with the real values."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+    for _, module, name in find_fused_experts(model):
+        shape = module._parameters[name].shape
+        setattr(module, name, nn.Parameter(zero.expand(shape), requires_grad=False))
+
+
+def _fill_experts(model: nn.Module, reader, dtype, device,
+                  quantize: bool) -> None:
+    """Fused experts one tensor at a time: dequantized on `device`, then NF4 in place."""
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    patch_peft_param_wrapper()
+    for mod_name, module, name in find_fused_experts(model):
+        shape = module._parameters[name].shape
+        value = reader.fused_experts(f"{mod_name}.{name}", shape[0]).to(device=device, dtype=dtype)
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
+        if quantize:
+            replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4",
+                                   blocksize=64)
+
+
+def load_nf4_from_compressed(ckpt_dir, compute_dtype: torch.dtype, device,
+                             quantize_experts: bool = True,
+                             adapters: dict[str, str] | None = None):
+    """NF4 (double quant) model from a compressed-tensors W4A16 checkpoint, built layer by layer.
+
+    The skeleton is built from config.json with empty weights; transformers' bnb quantizer swaps
+    its nn.Linear for Linear4bit (same modules as ``load_nf4_model``). Each weight is then
+    dequantized on ``device``, rounded to bf16 (what a 16-bit checkpoint of these int4 weights
+    would hold), cast to ``compute_dtype`` and quantized to NF4 in place, so the model never
+    exists in 16 bit. Adapters are attached while the fused experts are still empty (PEFT
+    matches and nests them as on a bf16 model: _placeholder_experts); each expert tensor is
+    then filled and quantized alone. Returns the model (a PeftModel with adapters).
+    """
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from .reference import CompressedReader, empty_model, plain_config
+
+    target = _single_device(device)
+    if target is None:
+        raise ValueError(f"load_nf4_from_compressed: needs one device, got {device!r}")
+    config = plain_config(ckpt_dir)
+    model = empty_model(config, compute_dtype)
+    bnb_config = nf4_config(model, compute_dtype)
+    quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
+    quantizer.preprocess_model(model, dtype=compute_dtype, device_map={"": str(target)})
+    reader = CompressedReader(ckpt_dir, target, config.model_type)
+    experts = {f"{m}.{n}" for m, _, n in find_fused_experts(model)}
+    _fill_dense(model, reader, compute_dtype, target, experts)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    quantizer.postprocess_model(model)
+    model.hf_quantizer, model.config.quantization_config = quantizer, bnb_config
+    if adapters:
+        from peft import PeftModel
+        _placeholder_experts(model, compute_dtype, target)
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0],
+                                          torch_device=str(target))
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name, torch_device=str(target))
+    _fill_experts(model, reader, compute_dtype, target, quantize_experts)
+    # set only now: PEFT dispatches a model whose map names the CPU (meta experts cannot move)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.hf_device_map = {"": str(target)}
+    return model.eval()

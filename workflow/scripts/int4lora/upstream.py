@@ -1,18 +1,37 @@
-"""Propagate an upstream step's failure into this step's result (never drop a config)."""
+"""Propagate an upstream step's failure into this step's result (never drop a config), and stop
+before reading a cache entry that was damaged since it was written."""
 from __future__ import annotations
 
-from .resultio import ExpectedFailure, read_json
+from pathlib import Path
+
+from .cache import require_intact
+from .resultio import ExpectedFailure, read_result
+
+
+def cache_entries(step: str, res: dict) -> list[str]:
+    """The cache folders an upstream result points to (a `local` model is the user's own)."""
+    m = res["metrics"]
+    if step == "fetch" and m.get("path"):
+        return [] if res["params"].get("spec", {}).get("source") == "local" else [m["path"]]
+    if step == "quantize" and m.get("recipe", {}).get("method") == "llmcompressor.oneshot":
+        return [m["path"]]
+    if step == "adapter" and m.get("paths"):
+        return [str(Path(m["paths"][0]).parent)]
+    return []
 
 
 def require_ok(**paths) -> dict:
-    """Read upstream results; raise ExpectedFailure naming the first one that did not pass."""
+    """Read upstream results; raise ExpectedFailure naming the first one that did not pass, or
+    whose cache entry no longer matches what was written."""
     loaded = {}
     for step, path in paths.items():
         if path is None:
             continue
-        res = read_json(path)
+        res = read_result(path)
         if res["status"] != "ok":
             raise ExpectedFailure(res["status"], f"{step} step: {res.get('reason')}")
+        for entry in cache_entries(step, res):
+            require_intact(entry, step, str(path))
         loaded[step] = res
     return loaded
 
