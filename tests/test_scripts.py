@@ -709,3 +709,26 @@ def test_bench_hf_decode_profile_attributes_steps(pipe, result_validator):
     assert row["profiled_request"] == "r16-qv-0" and row["attribution"] == "per-step"
     assert row["decode_steps"] == 5 and row["sweep_tpot_ms_batch1"] > 0
     assert row["kernel_us_per_step"] is None and row["host_gap_fraction"] is None
+
+
+def test_validate_on_a_layer_subset(pipe, result_validator):
+    """`validation.layers`: engine, reference and adapters cut to the first layers alike; the
+    adapter still reaches every module it has there, and the result says what was validated."""
+    pipe.quant("tiny-llama", "hf")
+    pipe.adapter("tiny-llama", "r16-qv")
+    out = str(pipe.root / "scratch" / "validate-first-layer.json")
+    res = validate.main("tiny-llama", "hf", plan("tiny-llama", "hf", "r16-qv"),
+                        pipe.path("models", "tiny-llama.json"),
+                        pipe.path("quantize", "tiny-llama", "hf.json"),
+                        pipe.path("adapters", "tiny-llama", "r16-qv.json"),
+                        {**VALIDATION, "layers": 1}, "cpu", out, cache_dir=pipe.cache)
+    result_validator.validate(_read(out))
+    assert res["status"] == "ok", res["reason"]
+    m = res["metrics"]
+    assert m["layers"] == {"validated": 1, "of": 2}
+    assert m["verdict"] == "PASS", m["failed"]
+    # 1 layer x (q, v) x (A, B): only the first layer's adapter tensors were loaded
+    report = m["adapter_report"]["r16-qv-0"]
+    assert len(report["applied"]) == 4 and report["unmatched"] == []
+    info = m["engine_info"]
+    assert "first1" in info["model_path"]

@@ -157,6 +157,7 @@ def test_parse_engine_log_dense():
     assert r["moe_kernel"] is None
     assert r["lora_kernel_configs"] == "default"
     assert r["model_weights_gib"] == pytest.approx(5.43)
+    assert r["model_load_s"] == pytest.approx(3.21)
     assert r["kv_cache_gib"] == pytest.approx(60.12)
     assert r["kv_cache_tokens"] == 492336
     assert r["cuda_graph_gib"] == pytest.approx(0.56)

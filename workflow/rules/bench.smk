@@ -94,3 +94,53 @@ rule profile_memory:
         engine_env
     script:
         "../scripts/profile_memory.py"
+
+
+rule tune_lora_kernels:
+    input:
+        model_json=model_json,
+    output:
+        f"{RESULTS}/tuning/{{model}}/{{engine}}/{{adapter}}.json",
+    params:
+        plan=plan(adapter_from_wildcards=True),
+        bench_cfg=config["benchmark"],
+        cache_dir=config["cache_dir"],
+        device=config["device"],
+    log:
+        f"{LOGS}/tune_lora_kernels/{{model}}/{{engine}}/{{adapter}}.log",
+    benchmark:
+        f"{BENCHMARKS}/tune_lora_kernels/{{model}}/{{engine}}/{{adapter}}.tsv"
+    threads: ALL_CORES
+    resources:
+        gpu=uses_gpu,
+        runtime=15,
+    conda:
+        "../../envs/vllm.yaml"
+    script:
+        "../scripts/tune_lora_kernels.py"
+
+
+rule peer_check:
+    input:
+        quant_json=f"{RESULTS}/quantize/{{model}}/{{engine}}.json",
+        bench_json=f"{RESULTS}/bench/{{model}}/{{engine}}/baseline.json",
+    output:
+        f"{RESULTS}/peer_check/{{model}}/{{engine}}.json",
+    params:
+        plan=plan(adapter_from_wildcards=False),
+        bench_cfg=config["benchmark"],
+        batches=config["benchmark"]["peer_batch_sizes"],
+        device=config["device"],
+    log:
+        f"{LOGS}/peer_check/{{model}}/{{engine}}.log",
+    benchmark:
+        f"{BENCHMARKS}/peer_check/{{model}}/{{engine}}.tsv"
+    threads: ALL_CORES
+    resources:
+        gpu=uses_gpu,
+        mem_mb=engine_resource("mem_mb", 32000),
+        runtime=engine_resource("runtime", 30),
+    conda:
+        "../../envs/vllm.yaml"
+    script:
+        "../scripts/peer_check.py"

@@ -89,13 +89,26 @@ def model_json(wildcards):
     return f"{RESULTS}/models/{wildcards.model}.json"
 
 
-def bench_inputs(wildcards):
-    inputs = {"model_json": model_json(wildcards),
-              "quant_json": f"{RESULTS}/quantize/{wildcards.model}/{wildcards.engine}.json",
-              "bandwidth_json": f"{RESULTS}/hardware/bandwidth.json"}
-    if getattr(wildcards, "adapter", "none") != "none":
-        inputs["adapter_json"] = f"{RESULTS}/adapters/{wildcards.model}/{wildcards.adapter}.json"
+def tuned(engine):
+    """A vLLM engine that runs with LoRA kernel configs tuned on this GPU."""
+    return ENGINES[engine]["backend"] == "vllm" and ENGINES[engine]["lora_kernel_configs"] == "tuned"
+
+
+def adapter_inputs(wildcards):
+    """The adapter of a LoRA job, and the tuned kernel configs where its engine uses them."""
+    adapter = getattr(wildcards, "adapter", "none")
+    if adapter == "none":
+        return {}
+    inputs = {"adapter_json": f"{RESULTS}/adapters/{wildcards.model}/{adapter}.json"}
+    if tuned(wildcards.engine):
+        inputs["tuning_json"] = f"{RESULTS}/tuning/{wildcards.model}/{wildcards.engine}/{adapter}.json"
     return inputs
+
+
+def bench_inputs(wildcards):
+    return {"model_json": model_json(wildcards),
+            "quant_json": f"{RESULTS}/quantize/{wildcards.model}/{wildcards.engine}.json",
+            "bandwidth_json": f"{RESULTS}/hardware/bandwidth.json", **adapter_inputs(wildcards)}
 
 
 def memory_inputs(wildcards):
@@ -113,7 +126,12 @@ def all_results():
     files = []
     for model, engine, adapter in matrix():
         files += [f"{RESULTS}/{stage}/{model}/{engine}/{adapter}.json"
-                  for stage in stages(engine)]
+                  for stage in stages(engine) if stage != "peer"]
+    files += [f"{RESULTS}/tuning/{model}/{engine}/{adapter}.json"
+              for model, engine, adapter in matrix() if tuned(engine)]
+    files += [f"{RESULTS}/peer_check/{model}/{engine}.json" for model, spec in MODELS.items()
+              for engine in spec["engines"] if "peer" in stages(engine)]
+    files.append(f"{RESULTS}/hardware/bandwidth.json")
     for model, spec in MODELS.items():
         for engine in spec["engines"]:
             files.append(f"{RESULTS}/bench/{model}/{engine}/baseline.json")

@@ -11,6 +11,8 @@ rule aggregate:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         missing=missing_results(),
         table_captions=TABLE_CAPTIONS,
+        models=MODELS,
+        engines=ENGINES,
     log:
         f"{LOGS}/aggregate.log",
     benchmark:

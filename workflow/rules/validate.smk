@@ -1,13 +1,14 @@
 rule validate:
     input:
+        unpack(adapter_inputs),
         model_json=model_json,
         quant_json=f"{RESULTS}/quantize/{{model}}/{{engine}}.json",
-        adapter_json=f"{RESULTS}/adapters/{{model}}/{{adapter}}.json",
     output:
         f"{RESULTS}/validate/{{model}}/{{engine}}/{{adapter}}.json",
     params:
         plan=plan(adapter_from_wildcards=True),
         val_cfg=config["validation"],
+        cache_dir=config["cache_dir"],
         device=config["device"],
     log:
         f"{LOGS}/validate/{{model}}/{{engine}}/{{adapter}}.log",

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 from int4lora.memory import attribute, kv_cache_bytes
-from int4lora.outputs import TABLES
+from int4lora.outputs import MEMORY_COLUMNS, TABLES
 from int4lora.profiling import CLASS_NAMES
 from int4lora.resultio import read_result, write_text_atomic
+from int4lora.sources import SOURCES, load_sources, source_rows
 
 STAT_KEYS = ("median", "ci_low", "ci_high", "p90", "p99", "std", "min", "max", "n")
 BENCH_METRICS = ("ttft_s", "ttft_engine_s", "tpot_s", "e2e_s", "e2e_tok_s", "decode_tok_s",
@@ -90,6 +91,15 @@ def _memory_parts(mem: dict, peak, weights: int, adapter: int, kv: int) -> dict:
     return parts
 
 
+def memory_columns(weights, adapter_lora, kv_needed, kv_pool, baseline) -> dict:
+    """The memory the workload needs, in the report's columns (int4lora.outputs.MEMORY_COLUMNS):
+    4-bit weights, adapter + LoRA slot buffers, KV for the largest batch; an engine's reserved
+    KV pool and the process baseline (after the libraries' import) apart."""
+    return {MEMORY_COLUMNS["weights"]: weights, MEMORY_COLUMNS["adapter_lora"]: adapter_lora,
+            MEMORY_COLUMNS["kv_needed"]: kv_needed, MEMORY_COLUMNS["kv_pool_reserved"]: kv_pool,
+            MEMORY_COLUMNS["process_baseline"]: baseline}
+
+
 def bench_memory_rows(res: dict) -> list[dict]:
     """Memory measured over a whole batch sweep (peaks after the largest batch): the memory
     table's rows where no profile_memory job ran for that configuration."""
@@ -105,12 +115,14 @@ def bench_memory_rows(res: dict) -> list[dict]:
     kv = kv_cache_bytes(m["architecture"], batch, context, m.get("kv_bytes_per_element", 2))
     peak = mem.get("torch_peak_allocated_bytes") if "torch_peak_allocated_bytes" in mem \
         else mem.get("nvml_device_used_bytes") or mem.get("peak_rss_bytes")
+    lora_buffers = (m.get("lora") or {}).get("buffer_bytes")
+    pool = int(mem["engine_kv_cache_gib"] * 2**30) \
+        if mem.get("engine_kv_cache_gib") is not None else None
     row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
            "source": "bench sweep", "batch": batch, "peak_bytes": peak, "weight_bytes": weights,
-           "adapter_bytes": adapter, "lora_buffer_bytes": m.get("lora_buffer_bytes"),
-           "kv_cache_bytes": kv,
-           "kv_pool_reserved_bytes": int(mem["engine_kv_cache_gib"] * 2**30)
-           if mem.get("engine_kv_cache_gib") is not None else None}
+           "adapter_bytes": adapter, "lora_buffer_bytes": lora_buffers, "kv_cache_bytes": kv,
+           **memory_columns(weights, lora_buffers if lora_buffers is not None else adapter,
+                            kv, pool, None)}
     for key in ("engine_model_weights_gib", "engine_kv_cache_gib", "engine_cuda_graph_gib",
                 "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
         if mem.get(key) is not None:
@@ -170,7 +182,9 @@ def memory_rows(res: dict) -> list[dict]:
            "batch": m.get("batch"), "peak_bytes": m.get("peak_bytes"),
            "weight_bytes": m.get("weight_bytes"), "adapter_bytes": m.get("adapter_bytes"),
            "kv_cache_bytes": m.get("kv_cache_bytes"),
-           "process_baseline_bytes": (m.get("before_load") or {}).get("rss_bytes")}
+           **memory_columns(m.get("weight_bytes"), m.get("adapter_bytes"),
+                            m.get("kv_cache_bytes"), None,
+                            (m.get("before_load") or {}).get("rss_bytes"))}
     for part, value in (m.get("attribution") or {}).items():
         row[f"part_{part}"] = value
     for dtype, value in ((m.get("weight_storage") or {}).get("bytes_by_dtype") or {}).items():
@@ -227,6 +241,23 @@ def quality_rows(res: dict) -> list[dict]:
              "quant_top1_vs_original": (a.get("quantization") or {}).get("top1_agreement")}]
 
 
+def peer_check_rows(res: dict) -> list[dict]:
+    return [{"model": res["model"], "engine": res["engine"],
+             **{k: r.get(k) for k in ("batch", "input_len", "output_len", "harness_e2e_ms",
+                                      "harness_n", "vllm_bench_e2e_ms", "vllm_bench_n", "ratio",
+                                      "within", "tolerance", "reason")}}
+            for r in res["metrics"].get("rows", [])]
+
+
+def tuning_rows(res: dict) -> list[dict]:
+    """Per kernel key: vLLM's default config against the tuned one (µs per call)."""
+    return [{"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],
+             **{k: r.get(k) for k in ("label", "phase", "status", "default_us", "tuned_us",
+                                      "speedup", "candidates")},
+             "modules": ",".join(r.get("modules") or []),
+             "gpu": res["metrics"].get("gpu")} for r in res["metrics"].get("keys", [])]
+
+
 def missing_rows(paths: list[str]) -> list[dict]:
     """results/<kind>/<model>/<engine>/<adapter>.json that a partial report lacks."""
     rows = []
@@ -272,13 +303,19 @@ def collect(inputs: list[str], missing: list[str]) -> dict[str, list]:
                                  **{f"env_{k}": res["env"].get(k) for k in ENV_KEYS}})
         if res["status"] != "ok":
             continue
-        if res["kind"] == "bench":
+        if res["kind"] == "bandwidth":
+            tables["_bandwidth"] = res["metrics"]["bandwidth_bytes_s"]
+        elif res["kind"] == "bench":
             tables["bench"] += bench_rows(res)
             tables["overhead"] += overhead_rows(res)
             tables["decode_profile"] += decode_profile_rows(res)
             bench_memory += bench_memory_rows(res)
         elif res["kind"] == "memory":
             tables["memory"] += memory_rows(res)
+        elif res["kind"] == "peer_check":
+            tables["peer_check"] += peer_check_rows(res)
+        elif res["kind"] == "tuning":
+            tables["tuning"] += tuning_rows(res)
         elif res["kind"] == "validate":
             tables["validation"] += validation_rows(res)
             tables["noise_floor"] += noise_floor_rows(res)
@@ -295,12 +332,18 @@ def collect(inputs: list[str], missing: list[str]) -> dict[str, list]:
     return tables
 
 
-def main(inputs: list[str], outdir: str, missing: list[str] | None = None
-         ) -> dict[str, pd.DataFrame]:
-    frames = {name: pd.DataFrame(rows) for name, rows in collect(inputs, missing or []).items()}
+def main(inputs: list[str], outdir: str, missing: list[str] | None = None,
+         models: dict | None = None, engines: dict | None = None,
+         sources_file: str | None = None) -> dict[str, pd.DataFrame]:
+    tables = collect(inputs, missing or [])
+    bandwidth = tables.pop("_bandwidth", None)
+    frames = {name: pd.DataFrame(rows) for name, rows in tables.items()}
     for name in ("bench", "overhead"):
         if not frames[name].empty:
             frames[name]["validated"] = gate(frames[name], frames["validation"])
+    if models:
+        frames["sources"] = pd.DataFrame(source_rows(load_sources(sources_file or SOURCES),
+                                                     frames, models, engines or {}, bandwidth))
     Path(outdir).mkdir(parents=True, exist_ok=True)
     for name, df in frames.items():
         write_text_atomic(Path(outdir) / f"{name}.csv", df.to_csv(index=False))

@@ -16,11 +16,38 @@ from int4lora.coverage import decode_weight_bytes
 from int4lora.engines import make_engine
 from int4lora.memory import kv_cache_bytes, kv_element_bytes
 from int4lora.resultio import new_result, read_json, recorded_failures, write_result
-from int4lora.upstream import adapter_dirs, require_ok
+from int4lora.upstream import adapter_dirs, require_ok, tuned_dir
 from int4lora.workload import fixed_length_prompts, load_prompts
 
 
-def roofline(run: dict, storage: dict | None, arch: dict, adapter_bytes: int,
+def distinct_adapters(variant: str, batch: int) -> int:
+    """Distinct adapters one batch of this variant carries."""
+    if variant in ("base", "lora-base"):
+        return 0
+    return min(batch, int(variant.removeprefix("lora-x"))) if variant.startswith("lora-x") else 1
+
+
+def adapter_step_bytes(lora: dict, arch: dict, variant: str, batch: int) -> int:
+    """LoRA weight bytes one decode step reads: vLLM reads each active adapter's slot in every
+    wrapped module at max_lora_rank width (a module the adapter does not target holds zeros,
+    read all the same); PEFT reads the adapter's own tensors."""
+    active = distinct_adapters(variant, batch)
+    if not active:
+        return 0
+    if not lora.get("wrapped_modules"):
+        return active * lora["adapter_bytes"]
+    from int4lora.lora_layout import lora_bytes_per_decode_step
+    experts = arch.get("num_local_experts") or arch.get("num_experts")
+    touched = None
+    if experts and arch.get("num_experts_per_tok"):
+        share = 1 - (1 - arch["num_experts_per_tok"] / experts) ** batch
+        touched = max(1, round(experts * share))
+    return lora_bytes_per_decode_step(arch, lora["wrapped_modules"], active_adapters=active,
+                                      max_rank=lora["max_rank"], experts_touched=touched,
+                                      batch=batch)
+
+
+def roofline(run: dict, storage: dict | None, arch: dict, lora: dict,
              bandwidth: float | None, kv_bytes_per_element: int = 2) -> dict:
     """Bytes one decode step must read over the measured bandwidth: the fastest decode."""
     tpot = run["tpot_s"]["median"]
@@ -28,12 +55,27 @@ def roofline(run: dict, storage: dict | None, arch: dict, adapter_bytes: int,
         return {}
     batch = run["batch"]
     context = run["prompt_tokens"] // batch + run["output_tokens"] // (2 * batch)
-    uses_adapter = run["variant"] not in ("base", "lora-base")
+    adapter = adapter_step_bytes(lora, arch, run["variant"], batch)
     step_bytes = (decode_weight_bytes(storage, arch, batch)
-                  + kv_cache_bytes(arch, batch, context, kv_bytes_per_element)
-                  + (adapter_bytes if uses_adapter else 0))
+                  + kv_cache_bytes(arch, batch, context, kv_bytes_per_element) + adapter)
     floor = step_bytes / bandwidth
-    return {"bytes_per_step": step_bytes, "tpot_floor_s": floor, "roofline_fraction": floor / tpot}
+    return {"bytes_per_step": step_bytes, "adapter_bytes_per_step": adapter,
+            "tpot_floor_s": floor, "roofline_fraction": floor / tpot}
+
+
+def lora_memory(info: dict, arch: dict, adapter_bytes: int) -> dict:
+    """What the engine's LoRA support holds: wrapped modules, rank width, slots and the bytes of
+    its slot buffers (vLLM preallocates them whether or not the adapter fills them)."""
+    kwargs = info.get("llm_kwargs") or {}
+    wrapped = info.get("lora_wrapped_modules") or []
+    out = {"adapter_bytes": adapter_bytes, "wrapped_modules": wrapped,
+           "max_rank": kwargs.get("max_lora_rank"), "slots": kwargs.get("max_loras"),
+           "buffer_bytes": None}
+    if wrapped and kwargs.get("max_lora_rank"):
+        from int4lora.lora_layout import lora_slot_bytes
+        out["buffer_bytes"] = lora_slot_bytes(arch, wrapped, slots=kwargs["max_loras"],
+                                              max_rank=kwargs["max_lora_rank"])
+    return out
 
 
 def decode_profile(eng, prompts, tokens: int, adapter_name: str | None, out_dir: str) -> dict:
@@ -69,8 +111,8 @@ def sweep(eng, prompts, plan: dict, bench_cfg: dict, variants: dict) -> dict:
 
 def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
          bench_cfg: dict, device: str, output: str, adapter_json: str | None = None,
-         bandwidth_json: str | None = None, log_path: str | None = None,
-         config: dict | None = None) -> dict:
+         bandwidth_json: str | None = None, tuning_json: str | None = None,
+         log_path: str | None = None, config: dict | None = None) -> dict:
     started = time.time()
     adapter = (plan.get("adapter") or {}).get("name")
     cfg = engine_config(plan["engine_cfg"])
@@ -79,7 +121,8 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
                         params={"mode": "lora" if adapter else "baseline", "plan": plan,
                                 "benchmark": bench_cfg, "device": device})
     with recorded_failures(result):
-        up = require_ok(fetch=model_json, quantize=quant_json, adapter=adapter_json)
+        up = require_ok(fetch=model_json, quantize=quant_json, adapter=adapter_json,
+                        tuning=tuning_json)
         arch = up["fetch"]["metrics"]["architecture"]
         adapter_paths, adapter_bytes = {}, 0
         if adapter:
@@ -94,7 +137,8 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
             eng = make_engine(cfg, up["quantize"]["metrics"]["path"], device=device,
                               adapters=adapter_paths, lora=lora_plan(plan, len(adapter_paths)),
                               log_path=log_path, profile_dir=profile_dir,
-                              capture_sizes=plan["capture_sizes"])
+                              capture_sizes=plan["capture_sizes"],
+                              tuned_config_dir=tuned_dir(up))
         except BaseException:
             if profile_dir:
                 shutil.rmtree(profile_dir, ignore_errors=True)
@@ -113,15 +157,17 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
             bandwidth = read_json(bandwidth_json)["metrics"]["bandwidth_bytes_s"] \
                 if bandwidth_json else None
             kv_bytes = kv_element_bytes(cfg)
-            runs = [{**run, **roofline(run, storage, arch, adapter_bytes, bandwidth, kv_bytes)}
+            info = eng.info()
+            lora = lora_memory(info, arch, adapter_bytes)
+            runs = [{**run, **roofline(run, storage, arch, lora, bandwidth, kv_bytes)}
                     for run in harness.summarize_runs(swept["samples"])] + swept["skipped"]
             overhead = [o for name in variants if adapter and name != "lora-base"
                         for o in harness.paired_overhead(swept["samples"], name, "lora-base")]
             result["metrics"] = {
                 "runs": runs, "overhead": overhead, "outputs": swept["outputs"],
-                "warmup": swept["warmup"], "engine_info": eng.info(), "memory": eng.memory(),
+                "warmup": swept["warmup"], "engine_info": info, "memory": eng.memory(),
                 "engine_start_s": engine_start_s, "bandwidth_bytes_s": bandwidth,
-                "architecture": arch, "adapter_bytes": adapter_bytes,
+                "architecture": arch, "adapter_bytes": adapter_bytes, "lora": lora,
                 "kv_bytes_per_element": kv_bytes, "weight_storage": storage,
                 "adapter_report": eng.adapter_report() if adapter else {}}
             result["samples"] = swept["samples"]

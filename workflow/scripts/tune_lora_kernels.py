@@ -415,15 +415,31 @@ def cli(argv: list[str] | None = None) -> dict:
     return res
 
 
+def tune_for_job(model: str, plan: dict, model_json: str, cache_dir: str, output: str,
+                 bench_cfg: dict, device: str, time_budget_s: float = 90,
+                 config: dict | None = None) -> dict:
+    """The rule's entry: tune for what the job plan's engine serves (the modules it wraps, its
+    rank, slots, batch and prefill sizes) into <cache_dir>/lora-configs/<model>-<key>."""
+    from int4lora.cache import cache_key
+    from int4lora.lora_layout import smallest_vllm_rank, vllm_target_modules
+    from int4lora.resultio import read_result
+    arch = read_result(model_json)["metrics"]["architecture"]
+    adapter = plan["adapter"]
+    if plan["engine_cfg"].get("lora_modules", "adapter") == "adapter":
+        modules = sorted(vllm_target_modules(adapter, arch["model_type"]))
+    else:
+        modules = lt.vllm_default_wrapped_modules(arch["model_type"], arch)
+    batches = plan["batch_sizes"]
+    prefill = [b * bench_cfg["prompt_tokens"] for b in batches]
+    rank, slots = smallest_vllm_rank(adapter["rank"]), max(1, plan["slots"])
+    out_dir = Path(cache_dir) / "lora-configs" / \
+        f"{model}-{cache_key(arch, modules, rank, slots, batches, prefill)}"
+    return main(arch, modules, rank, slots, batches, str(out_dir), output, time_budget_s,
+                device, config, prefill_tokens=prefill, model=model)
+
+
 if __name__ == "__main__" and "snakemake" in globals():
     from int4lora import smk
-    from int4lora.resultio import read_json
-    sm = snakemake  # noqa: F821
-    p = sm.params
-    smk.run(sm, main, arch=read_json(sm.input.model)["metrics"]["architecture"],
-            wrapped_modules=p.wrapped_modules, max_rank=p.max_rank, max_loras=p.max_loras,
-            batch_sizes=p.batch_sizes, out_dir=p.out_dir, output=sm.output[0],
-            time_budget_s=p.time_budget_s, device=p.device, config=sm.config,
-            prefill_tokens=p.get("prefill_tokens"), model=sm.wildcards.model)
+    smk.run(snakemake, tune_for_job)  # noqa: F821 (injected by Snakemake)
 elif __name__ == "__main__":
     sys.exit(0 if cli()["status"] == "ok" else 1)

@@ -14,7 +14,9 @@ same inputs (int4lora.judge explains the limits). Measured:
 - quality: perplexity of the original weights, INT4 and INT4+LoRA (real weights only).
 """
 
+import json
 import time
+from pathlib import Path
 
 from int4lora import compare
 from int4lora.config import engine_config, lora_plan, with_defaults
@@ -22,7 +24,7 @@ from int4lora.engines import engine_class, make_engine
 from int4lora.engines.hf_engine import HfEngine
 from int4lora.judge import confident_margin, judge, overall
 from int4lora.resultio import new_result, recorded_failures, write_result
-from int4lora.upstream import adapter_dirs, require_ok
+from int4lora.upstream import adapter_dirs, require_ok, tuned_dir
 from int4lora.workload import eval_sequences, fixed_length_prompts, load_prompts
 
 CONTROL = "control-zero-b"
@@ -80,7 +82,8 @@ def run_engine(cfg, plan: dict, ctx: dict, device: str, log_path: str | None) ->
     adapters = {**copies, CONTROL: ctx["control_path"]}
     eng = make_engine(cfg, ctx["quant_path"], device=device, adapters=adapters,
                       lora=lora_plan(plan, len(adapters)), log_path=log_path,
-                      capture_sizes=plan["capture_sizes"])
+                      capture_sizes=plan["capture_sizes"],
+                      tuned_config_dir=ctx["tuned_config_dir"])
     try:
         first = next(iter(copies))
         multi = list(copies)[:max(plan["multi_adapter"] or [1])]
@@ -190,8 +193,29 @@ def load_context(up: dict, val_cfg: dict, backend: str) -> dict:
             "adapter_kind": "experts" if meta.get("target_parameters") else "attention"}
 
 
+def layer_subset(ctx: dict, layers: int | None, cache_dir: str | None) -> dict:
+    """Validate on the first `layers` decoder layers (int4lora.truncate): checkpoints and every
+    adapter cut alike, so the engine, the reference and the adapters still match."""
+    from int4lora.truncate import truncated_adapter, truncated_checkpoint
+    total = json.loads((Path(ctx["model_path"]) / "config.json").read_text())[
+        "num_hidden_layers"]
+    ctx["layers"] = {"validated": min(layers or total, total), "of": total}
+    if not layers or layers >= total:
+        return ctx
+    root = cache_dir or str(Path(ctx["model_path"]).parent)
+    cut = {p: truncated_checkpoint(p, layers, root) for p in {ctx["model_path"],
+                                                               ctx["quant_path"]}}
+    ctx["model_path"], ctx["quant_path"] = cut[ctx["model_path"]], cut[ctx["quant_path"]]
+    ctx["copies"] = {k: truncated_adapter(p, layers, root) for k, p in ctx["copies"].items()}
+    ctx["control_path"] = truncated_adapter(ctx["control_path"], layers, root)
+    name, path = ctx["reference_adapter"]
+    ctx["reference_adapter"] = (name, truncated_adapter(path, layers, root))
+    return ctx
+
+
 def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
          adapter_json: str, val_cfg: dict, device: str, output: str,
+         tuning_json: str | None = None, cache_dir: str | None = None,
          log_path: str | None = None, config: dict | None = None) -> dict:
     started = time.time()
     val_cfg = with_defaults(val_cfg, "validation")
@@ -200,8 +224,10 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
                         params={"validation": val_cfg, "plan": plan, "device": device})
     th = val_cfg["thresholds"]
     with recorded_failures(result):
-        up = require_ok(fetch=model_json, quantize=quant_json, adapter=adapter_json)
-        ctx = load_context(up, val_cfg, cfg.backend)
+        up = require_ok(fetch=model_json, quantize=quant_json, adapter=adapter_json,
+                        tuning=tuning_json)
+        ctx = layer_subset(load_context(up, val_cfg, cfg.backend), val_cfg["layers"], cache_dir)
+        ctx["tuned_config_dir"] = tuned_dir(up)
         e = run_engine(cfg, plan, ctx, device, log_path)
         r = run_reference(cfg, ctx, device)
         m = measurements(e, r, ctx, th)
@@ -214,7 +240,8 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
             "lora": {"adapter": m["adapter"], "control": m["control"], "multi": m["multi"]},
             "adapter_report": e["applied"], "quality": m["quality"],
             "adapter_targets": ctx["targets"], "adapter_kind": ctx["adapter_kind"],
-            "synthetic": ctx["synthetic"], "moe": ctx["moe"], "engine_info": e["info"]}
+            "synthetic": ctx["synthetic"], "moe": ctx["moe"], "engine_info": e["info"],
+            "layers": ctx["layers"]}
     return write_result(output, result, config, started)
 
 

@@ -148,14 +148,17 @@ def vllm_default_wrapped_modules(architecture: str, arch: dict) -> list[str]:
     MistralForCausalLM sets embedding_modules = {} (models/mistral.py:230-232); Llama and
     Mixtral list embed_tokens and lm_head (models/llama.py:461-464, models/mixtral.py:389-392)."""
     name = str(architecture).lower()
-    moe = bool(arch.get("num_local_experts"))
+    moe = bool(arch.get("num_local_experts") or arch.get("num_experts"))
     linears = ["qkv_proj", "o_proj"] + (["gate", "experts"] if moe else
                                          ["gate_up_proj", "down_proj"])
-    if name in ("mistral",):
+    if name == "qwen2_moe":  # shared expert MLP and its gate are linears too (qwen2_moe.py)
+        return linears + ["gate_up_proj", "down_proj", "shared_expert_gate"]
+    if name in ("mistral", "qwen2"):  # embedding_modules = {} (interfaces.py:560 default)
         return linears
-    if name in ("llama", "mixtral"):
+    if name in ("llama", "mixtral", "qwen3", "qwen3_moe"):
         return linears + ["embed_tokens", "lm_head"]
-    raise ValueError(f"unknown architecture {architecture!r} (known: mistral, llama, mixtral)")
+    raise ValueError(f"unknown architecture {architecture!r} (known: mistral, llama, mixtral, "
+                     "qwen2, qwen3, qwen2_moe, qwen3_moe)")
 
 
 @dataclass(frozen=True)

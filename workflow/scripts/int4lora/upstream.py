@@ -42,3 +42,9 @@ def adapter_dirs(meta: dict, backend: str) -> tuple[list[str], str]:
     if backend == "vllm" and meta.get("vllm_paths"):
         return list(meta["vllm_paths"]), meta["vllm_control_path"]
     return list(meta["paths"]), meta["control_path"]
+
+
+def tuned_dir(upstream: dict) -> str | None:
+    """VLLM_TUNED_CONFIG_FOLDER of a job whose engine runs tuned LoRA kernel configs."""
+    tuning = upstream.get("tuning")
+    return tuning["metrics"]["config_folder"] if tuning else None

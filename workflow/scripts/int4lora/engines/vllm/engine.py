@@ -234,6 +234,16 @@ class VllmEngine:
         from int4lora.coverage import checkpoint_storage
         return checkpoint_storage(self.llm_kwargs["model"])
 
+    def lora_wrapped_modules(self) -> list[str]:
+        """The module suffixes this engine wraps with LoRA slots ([] without LoRA)."""
+        if not self.llm_kwargs.get("enable_lora"):
+            return []
+        if self.llm_kwargs.get("lora_target_modules"):
+            return list(self.llm_kwargs["lora_target_modules"])
+        from int4lora.lora_tuning import vllm_default_wrapped_modules
+        config = json.loads((Path(self.llm_kwargs["model"]) / "config.json").read_text())
+        return vllm_default_wrapped_modules(config["model_type"], config)
+
     def info(self) -> dict:
         return {
             "engine": self.name, "vllm_version": getattr(self, "vllm_version", None),
@@ -243,6 +253,7 @@ class VllmEngine:
             "adapters": {k: {"id": r.lora_int_id, "path": r.lora_path}
                          for k, r in self.lora_requests.items()},
             "timing_source": self.timing_source, "log_path": self.log_path,
+            "lora_wrapped_modules": self.lora_wrapped_modules(),
             "engine_log": self.engine_log(),
         }
 
@@ -250,6 +261,7 @@ class VllmEngine:
         log = self.engine_log()
         out: dict[str, Any] = {
             "engine_model_weights_gib": log["model_weights_gib"],
+            "engine_model_load_s": log["model_load_s"],
             "engine_kv_cache_gib": log["kv_cache_gib"],
             "engine_kv_cache_tokens": log["kv_cache_tokens"],
             "engine_cuda_graph_gib": log["cuda_graph_gib"],

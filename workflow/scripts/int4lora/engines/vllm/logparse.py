@@ -121,6 +121,7 @@ def parse_engine_log(text: str) -> dict:
         "moe_kernel": moe_kernel,
         "lora_kernel_configs": lora_cfg,
         "model_weights_gib": fnum(m_load),
+        "model_load_s": fnum(m_load, 2),
         "kv_cache_gib": fnum(m_kv),
         "kv_cache_tokens": int(m_tok.group(1).replace(",", "")) if m_tok else None,
         "cuda_graph_gib": fnum(m_graph, 2),
