@@ -4,15 +4,18 @@ any error result that a job produced from such a dangling path."""
 import glob
 import json
 import os
+import sys
 
-for f in sorted(glob.glob("results/models/*.json") + glob.glob("results/quantize/*/*.json")
-                + glob.glob("results/adapters/*/*.json")):
+ROOT = sys.argv[1] if len(sys.argv) > 1 else "results"
+
+for f in sorted(glob.glob(f"{ROOT}/models/*.json") + glob.glob(f"{ROOT}/quantize/*/*.json")
+                + glob.glob(f"{ROOT}/adapters/*/*.json")):
     m = json.load(open(f)).get("metrics") or {}
     paths = [m.get("path"), *(m.get("paths") or [])]
     if any(p and not os.path.exists(p) for p in paths):
         os.remove(f)
         print("stale (cache path gone):", f)
-for f in sorted(glob.glob("results/bench/*/*/*.json") + glob.glob("results/validate/*/*/*.json")):
+for f in sorted(glob.glob(f"{ROOT}/bench/*/*/*.json") + glob.glob(f"{ROOT}/validate/*/*/*.json")):
     r = json.load(open(f))
     if r.get("status") == "error" and "int4-lora-bench-cache" in (r.get("reason") or "") + json.dumps(r.get("error") or ""):
         os.remove(f)

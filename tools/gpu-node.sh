@@ -2,7 +2,7 @@
 # Run a preset on an air-gapped GPU node that has the offline bundle unpacked
 # (../shared/gpu/README.md), within a wall-clock budget, and pack the run for the trip back.
 #   tools/gpu-node.sh PRESET [snakemake targets/options...]
-#   e.g. tools/gpu-node.sh gpu-synthetic --config only_models=[mistral-7b-shape]
+#   e.g. tools/gpu-node.sh gpu-seeds --config only_models=[qwen2-32b-shape]
 # BUDGET_S (default 540): snakemake is interrupted after it; finished jobs stay done, the
 # interrupted one is cleaned up, and the next call resumes (--rerun-incomplete).
 set -uo pipefail
@@ -12,24 +12,28 @@ export PYTHONUNBUFFERED=1
 # FlashInfer's sampler is JIT-compiled with ninja at the first engine start (minutes on a bare
 # node, seen on the H100 node); vLLM's PyTorch sampler needs no build.
 export VLLM_USE_FLASHINFER_SAMPLER=0
+# a script that touched CUDA before vllm.LLM() must not fork the engine core
+export VLLM_WORKER_MULTIPROC_METHOD=spawn
 # results of an earlier lease travel as a tarball (mtimes kept, so nothing reruns)
-if [ -f .gpu-results/results.tar.gz ] && [ ! -d results ]; then
+if [ -f .gpu-results/results.tar.gz ] && [ ! -d "results/$preset" ]; then
   tar xzf .gpu-results/results.tar.gz
   # their weights were in that machine's cache: rebuild what points into a missing cache
-  python3 tools/drop-stale-cache-results.py
+  python3 tools/drop-stale-cache-results.py "results/$preset"
 fi
 # a run interrupted by the budget leaves Snakemake's lock behind
 python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
+# every core: timed jobs take them all (nothing runs beside them); one GPU job at a time
 timeout --signal=INT --kill-after=60 "${BUDGET_S:-540}" \
-  python3 -m snakemake --cores 1 --configfile "config/$preset.yaml" \
+  python3 -m snakemake --cores all --resources gpu=1 --configfile "config/$preset.yaml" \
   --rerun-triggers mtime --rerun-incomplete --keep-going "$@"
 rc=$?
 echo "snakemake exit code $rc"
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/run-$preset.tar.gz" results logs benchmarks 2>/dev/null
+  tar czf "$OUT/run-$preset.tar.gz" "results/$preset" "logs/$preset" "benchmarks/$preset" \
+    2>/dev/null
   ls -la "$OUT"
 fi
-for f in $(ls -t logs/*/*.log logs/*/*/*.log logs/*/*/*/*.log 2>/dev/null | head -3); do
+for f in $(ls -t $(find "logs/$preset" -name '*.log' 2>/dev/null) 2>/dev/null | head -3); do
   echo "== $f"; grep -v "it/s\]" "$f" | tail -15
 done
 exit $rc
