@@ -132,7 +132,7 @@ def all_results():
     files = []
     for model, engine, adapter in matrix():
         files += [f"{RESULTS}/{stage}/{model}/{engine}/{adapter}.json"
-                  for stage in stages(engine) if stage != "peer"]
+                  for stage in stages(engine) if stage in ("bench", "memory", "validate")]
     files += [f"{RESULTS}/tuning/{model}/{engine}/{adapter}.json"
               for model, engine, adapter in matrix() if tuned(engine)]
     files += [f"{RESULTS}/peer_check/{model}/{engine}.json" for model, spec in MODELS.items()
@@ -140,7 +140,8 @@ def all_results():
     files.append(f"{RESULTS}/hardware/bandwidth.json")
     for model, spec in MODELS.items():
         for engine in spec["engines"]:
-            files.append(f"{RESULTS}/bench/{model}/{engine}/baseline.json")
+            if "baseline" in stages(engine):
+                files.append(f"{RESULTS}/bench/{model}/{engine}/baseline.json")
             if "memory" in stages(engine) and config["profile_base_memory"]:
                 files.append(f"{RESULTS}/memory/{model}/{engine}/none.json")
     return sorted(set(files))

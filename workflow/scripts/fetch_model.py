@@ -40,8 +40,11 @@ def main(model: str, spec: dict, cache_dir: str, output: str, device: str = "cpu
          config: dict | None = None) -> dict:
     started = time.time()
     result = new_result("fetch", model, params={"spec": spec})
-    target = Path(cache_dir) / "models" / f"{model}-{cache_key(spec)}"
     source = spec["source"]
+    weights = models.weight_spec(spec)
+    # synthetic weights are named by what they are, so model entries that share them share one
+    name = model_type_of(spec) if source.startswith("synthetic") else model
+    target = Path(cache_dir) / "models" / f"{name}-{cache_key(weights)}"
     if (is_complete(target) and damage(target) is None) or (source == "local"
                                                             and target.is_symlink()):
         details = {"cached": True}

@@ -26,6 +26,8 @@ from int4lora.resultio import ExpectedFailure, new_result, recorded_failures, wr
 from int4lora.upstream import require_ok
 
 TOLERANCE = 0.05
+# vllm/benchmarks/latency.py draws its dummy prompts with np.random.randint(10000)
+BENCH_TOKEN_IDS = 10000
 # build_llm_kwargs keys that are ours (LLM() only) or need no CLI flag
 NOT_CLI = {"model", "disable_log_stats", "max_logprobs"}
 
@@ -102,6 +104,10 @@ def main(model: str, engine: str, plan: dict, quant_json: str, bench_json: str,
             raise ExpectedFailure("unsupported", "the peer check runs vLLM's own benchmark "
                                   f"tool: a vllm engine on a CUDA GPU ({engine}, {device})")
         up = require_ok(quantize=quant_json, bench=bench_json)
+        vocab = up["bench"]["metrics"]["architecture"].get("vocab_size", 0)
+        if vocab < BENCH_TOKEN_IDS:
+            raise ExpectedFailure("unsupported", f"vllm bench latency prompts use token ids below "
+                                  f"{BENCH_TOKEN_IDS}; {model} has vocab_size={vocab}")
         kwargs = build_llm_kwargs(up["quantize"]["metrics"]["path"], cfg.settings, lora=None,
                                   quantization="bitsandbytes"
                                   if cfg.quantization == "bitsandbytes" else None,

@@ -83,7 +83,7 @@ def run_engine(cfg, plan: dict, ctx: dict, device: str, log_path: str | None) ->
     eng = make_engine(cfg, ctx["quant_path"], device=device, adapters=adapters,
                       lora=lora_plan(plan, len(adapters)), log_path=log_path,
                       capture_sizes=plan["capture_sizes"],
-                      tuned_config_dir=ctx["tuned_config_dir"])
+                      tuned_config_dir=ctx["tuned_config_dir"], in_process=True)
     try:
         first = next(iter(copies))
         multi = list(copies)[:max(plan["multi_adapter"] or [1])]

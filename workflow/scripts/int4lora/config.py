@@ -74,7 +74,7 @@ def with_defaults(instance: dict, part: str | None = None) -> dict:
 class EngineConfig:
     backend: str
     quantization: str
-    stages: tuple[str, ...] = ("bench", "memory", "validate")
+    stages: tuple[str, ...] = ("baseline", "bench", "memory", "validate")
     batch_sizes: tuple[int, ...] | None = None
     multi_adapter: tuple[int, ...] | None = None
     profile_decode: dict | None = None

@@ -132,9 +132,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def spec_key(spec: dict) -> str:
-    """Content key of a model spec: the cache folder changes when the spec does."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+# the fields that define a model's weights (not the engines or adapters a preset runs on them)
+WEIGHT_FIELDS = ("source", "repo", "revision", "path", "package", "file", "architecture",
+                 "model_type", "arch", "seed", "dtype", "group_size")
+
+
+def weight_spec(spec: dict) -> dict:
+    """What the cached weights depend on: two model entries with the same weights (e.g. one per
+    engine family) share one cache entry."""
+    return {k: spec[k] for k in WEIGHT_FIELDS if k in spec}
 
 
 def architecture_summary(model_dir: Path) -> dict:

@@ -19,7 +19,8 @@ def engine_class(cfg: EngineConfig):
 def make_engine(cfg: EngineConfig | dict, model_path: str, *, device: str,
                 adapters: dict[str, str] | None = None, lora: dict | None = None,
                 log_path: str | None = None, profile_dir: str | None = None,
-                tuned_config_dir: str | None = None, capture_sizes: list[int] | None = None):
+                tuned_config_dir: str | None = None, capture_sizes: list[int] | None = None,
+                in_process: bool = False):
     """lora: the job's LoRA plan (int4lora.config.lora_plan; None: an engine without LoRA
     support); adapters: name -> adapter directory."""
     cfg = engine_config(cfg)
@@ -31,6 +32,7 @@ def make_engine(cfg: EngineConfig | dict, model_path: str, *, device: str,
         from .vllm import VllmEngine
         return VllmEngine(model_path, cfg, adapters=adapters, lora=lora,
                           tuned_config_dir=tuned_config_dir, log_path=log_path,
-                          profile_dir=profile_dir, capture_sizes=capture_sizes)
+                          profile_dir=profile_dir, capture_sizes=capture_sizes,
+                          in_process=in_process)
     from .hf_engine import HfEngine
     return HfEngine.from_config(cfg, model_path, device=device, adapters=adapters)

@@ -104,6 +104,8 @@ class HfEngine:
                  quantize_experts: bool = True, model=None):
         if mode not in ("generate", "static-compile"):
             raise ValueError(f"hf engine: unknown mode {mode!r} (generate, static-compile)")
+        if mode == "static-compile" and quantization == "nf4":
+            check_compilable(nf4_quantizer())  # before loading weights: minutes on a big model
         self.settings = {"model_path": str(model_path), "quantization": quantization,
                          "compute_dtype": compute_dtype, "device": device, "mode": mode,
                          "quantize_experts": quantize_experts}
@@ -127,8 +129,6 @@ class HfEngine:
                                      for m in self.model.modules())
         from ..compilewatch import CompileWatch
         self._watch = CompileWatch(extra=_dynamo_graphs)
-        if mode == "static-compile":
-            check_compilable(self.lm())
 
     def lm(self):
         """The transformers model under any PEFT wrapper."""
@@ -325,12 +325,19 @@ def _dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"]) if counters is not None else 0
 
 
-def check_compilable(lm) -> None:
+def nf4_quantizer():
+    """The quantizer transformers builds for our NF4 config (no model needed)."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+    return AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True,
+                                                          bnb_4bit_quant_type="nf4"))
+
+
+def check_compilable(quantizer) -> None:
     """static-compile relies on transformers compiling the decode step inside generate; it does
     that only where the model's quantizer says it can be compiled. Refuse instead of timing an
     eager run under a compiled label."""
     from ..resultio import ExpectedFailure
-    quantizer = getattr(lm, "hf_quantizer", None)
     if quantizer is not None and not quantizer.is_compileable:
         raise ExpectedFailure(
             "unsupported", f"static-compile: transformers does not compile models quantized by "

@@ -48,14 +48,15 @@ class VllmEngine:
     """One vllm.LLM with optional LoRA adapters; see the module docstring.
 
     lora: the job's LoRA plan (args.lora_engine_args; None: an engine without LoRA support);
-    adapters: name -> PEFT adapter directory, each loaded at construction."""
+    adapters: name -> PEFT adapter directory, each loaded at construction; in_process: run
+    vLLM's engine core in this process (timed jobs keep vLLM's default, a separate process)."""
 
     name = "vllm"
 
     def __init__(self, model_path: str, cfg: VllmEngineConfig, *, adapters: dict | None = None,
                  lora: dict | None = None, tuned_config_dir: str | None = None,
                  log_path: str | None = None, profile_dir: str | None = None,
-                 capture_sizes: list[int] | None = None):
+                 capture_sizes: list[int] | None = None, in_process: bool = False):
         self.cfg = cfg
         adapters = dict(adapters or {})
         if adapters and not lora:
@@ -73,6 +74,10 @@ class VllmEngine:
         from int4lora.applied import REPORT_ENGINE_ENV
         # adapter_report ships a function to the engine core (see int4lora.applied)
         self.env = {**kernel_env(cfg.w4a16_kernel, tuned_config_dir), **REPORT_ENGINE_ENV}
+        if in_process:
+            # the engine core in this process: no second interpreter to start (tens of seconds
+            # on a GPU node); used where nothing is timed (validation)
+            self.env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.timing_source = "request_metrics"
         own_log = log_path is None
         if log_path is None:
