@@ -3,7 +3,7 @@
 # (../shared/gpu/README.md), within a wall-clock budget, and pack the run for the trip back.
 #   tools/gpu-node.sh PRESET [snakemake targets/options...]
 #   e.g. tools/gpu-node.sh gpu-seeds --config only_models=[qwen2-32b-shape]
-# BUDGET_S (default 540): snakemake is interrupted after it; finished jobs stay done, the
+# BUDGET_S (default 480; the device tool stops a command at 600 s): snakemake is interrupted after it; finished jobs stay done, the
 # interrupted one is cleaned up, and the next call resumes (--rerun-incomplete).
 set -uo pipefail
 preset=$1; shift
@@ -23,7 +23,7 @@ fi
 # a run interrupted by the budget leaves Snakemake's lock behind
 python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
 # every core: timed jobs take them all (nothing runs beside them); one GPU job at a time
-timeout --signal=INT --kill-after=60 "${BUDGET_S:-540}" \
+timeout --signal=INT --kill-after=30 "${BUDGET_S:-480}" \
   python3 -m snakemake --cores all --resources gpu=1 --configfile "config/$preset.yaml" \
   --rerun-triggers mtime --rerun-incomplete --keep-going "$@"
 rc=$?
