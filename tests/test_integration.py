@@ -101,11 +101,16 @@ def _section(text, title):
 
 
 def _table_rows(section):
-    header = next(line for line in section.splitlines() if line.startswith("| model"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    return [dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
-            for line in section.splitlines()
-            if line.startswith("| ") and line != header and not line.startswith("|---")]
+    """The rows of the section's first table (its lines up to the first that is no row)."""
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    cols = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:  # after the header and its |---| line
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
 
 
 def _expected_latency_rows():

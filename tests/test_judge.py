@@ -388,3 +388,36 @@ def test_overall_by_scope():
                                                  "linear_share": 0.5}), TH)
     assert judge.overall(base_broken, "base") == "FAIL"
     assert judge.overall(judge.judge(measured(), TH)) == "PASS"
+
+
+# every check of judge(): one input that must FAIL it (and only it), next to measured() above,
+# which passes them all
+AGREE = measured()["agreement"]
+FAILING = {
+    "base.coverage.linear": {"coverage": {"storage_known": True, "moe": False,
+                                          "linear_share": 0.5}},
+    "base.agreement.top1": {"agreement": {**AGREE, "base": {"confident_top1_agreement": 0.1}}},
+    "adapter.applied": {"adapter__applied": {"applied": [], "unmatched": ["q.lora_A"]}},
+    "adapter.moves_logprobs": {"adapter__max_abs_delta": 0.0},
+    "adapter.effect_over_noise": {"adapter__norm": 0.5},
+    "adapter.agreement.top1": {"agreement": {**AGREE,
+                                             "adapter": {"confident_top1_agreement": 0.1}}},
+    "adapter.agreement.effect": {"agreement": {**AGREE, "effect_rel_error": 0.9}},
+    "control.applied": {"control__applied": {"applied": ["a"], "unmatched": ["b"]}},
+    "control.same_call": {"control__same_call_max": 0.5},
+    "control.cross_call": {"control__cross_call_max": 0.5},
+    "control.top1": {"control__flips": 2},
+}
+
+
+# these fail with value and limit but no reason text (judge.py gives them none)
+NO_REASON = {"base.agreement.top1", "adapter.agreement.top1", "adapter.agreement.effect"}
+
+
+@pytest.mark.parametrize("check_id", sorted(FAILING))
+def test_each_check_fails_on_its_own_failing_input(check_id):
+    checks = by_id(measured(**FAILING[check_id]))
+    failed = [cid for cid, c in checks.items() if c["verdict"] == "FAIL"]
+    assert failed == [check_id]
+    assert bool(checks[check_id]["reason"]) == (check_id not in NO_REASON)
+    assert by_id(measured())[check_id]["verdict"] == "PASS"
