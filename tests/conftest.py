@@ -120,3 +120,13 @@ def data_pixels(png) -> int:
     import numpy as np
     rgb = (matplotlib.image.imread(str(png))[..., :3] * 255).round().astype(int)
     return int((np.abs(rgb - np.array(C0_RGB)).max(axis=-1) <= 2).sum())
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    """The tiny models' results/ tree (test_scripts.Pipeline), built lazily, one per session."""
+    from test_scripts import Pipeline
+    p = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    p.model("tiny-llama")
+    p.model("tiny-mixtral")
+    return p
