@@ -106,3 +106,27 @@ def install_fake_vllm(monkeypatch, llm_cls):
     monkeypatch.setitem(sys.modules, "vllm.lora.request", req)
     llm_cls.instances.clear()
     return mod
+
+
+# matplotlib's first cycle colour (C0, #1f77b4): every figure draws its first series in it,
+# while a figure without data ("no ... rows") is text only
+C0_RGB = (31, 119, 180)
+
+
+def data_pixels(png) -> int:
+    """Pixels of a PNG in matplotlib's C0 colour (within 2/255): 0 for an empty placeholder
+    figure, thousands where a line, bar or marker was drawn."""
+    import matplotlib.image
+    import numpy as np
+    rgb = (matplotlib.image.imread(str(png))[..., :3] * 255).round().astype(int)
+    return int((np.abs(rgb - np.array(C0_RGB)).max(axis=-1) <= 2).sum())
+
+
+@pytest.fixture(scope="session")
+def pipe(tmp_path_factory):
+    """The tiny models' results/ tree (test_scripts.Pipeline), built lazily, one per session."""
+    from test_scripts import Pipeline
+    p = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    p.model("tiny-llama")
+    p.model("tiny-mixtral")
+    return p

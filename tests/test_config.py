@@ -193,9 +193,19 @@ def test_gpu_synthetic_config_plans_both_engines(tmp_path):
 
 
 def test_config_override_keeps_the_default_config(tmp_path):
+    """--config on top of config.yaml changes the key it names and keeps every other one."""
     shutil.copy(DEFAULT, tmp_path / "config.yaml")
-    proc = run_snakemake(tmp_path, "-n", "--config", "device=cuda:1", timeout=120)
+    plain = run_snakemake(tmp_path, "-n", timeout=120)
+    proc = run_snakemake(tmp_path, "-n", "--config", "device=cpu", timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:]
+    # the same matrix as config.yaml alone, in the same preset's results
+    assert job_stats(proc.stdout) == job_stats(plain.stdout)
+    assert job_stats(proc.stdout)["bench_lora"] > 0 and "results/gpu-hub/bench/" in proc.stdout
+    # ... and the device the override names: GPU rules no longer ask for a GPU
+    lora = re.search(r"rule bench_lora:\n(?:    .*\n)*?    resources: (.*)", proc.stdout)
+    assert "gpu=0" in lora.group(1)
+    assert "gpu=1" in re.search(r"rule bench_lora:\n(?:    .*\n)*?    resources: (.*)",
+                                plain.stdout).group(1)
 
 
 def test_lint_offline_config(tmp_path):

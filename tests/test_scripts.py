@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import data_pixels
+
 pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -50,6 +52,9 @@ ADAPTERS = {
     # a deliberately broken adapter: B is all zero, so it cannot change anything
     "r16-zero": {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"], "seed": 1,
                  "b_std": 0.0},
+    # two distinct copies, timed together as lora-x2 (tests below set multi_adapter [2])
+    "r16-qv-x2": {"rank": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"], "seed": 1,
+                  "b_std": 0.02, "copies": 2},
     "r8-gate-up": {"rank": 8, "alpha": 16, "target_modules": ["gate_up_proj"], "seed": 3},
     "r8-experts": {"rank": 8, "alpha": 16, "seed": 4, "copies": 2,
                    "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
@@ -64,15 +69,18 @@ LORA_MOVES = "adapter.moves_logprobs"
 EXPERTS_4BIT = "base.coverage.experts"
 
 
-def plan(model, engine, adapter=None, engine_cfg=None):
+def plan(model, engine, adapter=None, engine_cfg=None, bench_cfg=None):
     """The job plan the Snakefile would give this job (int4lora.config.job_plan)."""
     from int4lora.config import job_plan
     cfg = CONFIG if engine_cfg is None else {**CONFIG, "engines": {**ENGINES, engine: engine_cfg}}
+    if bench_cfg is not None:
+        cfg = {**cfg, "benchmark": bench_cfg}
     return job_plan(cfg, model, engine, adapter)
 
 
 class Pipeline:
-    """The results/ tree of one session, built step by step and memoized."""
+    """The results/ tree of one session, built step by step and memoized (the `pipe` fixture
+    of conftest.py, shared with test_scripts_checks.py)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -140,14 +148,6 @@ class Pipeline:
             self.path("quantize", model, f"{engine}.json"),
             self.path("adapters", model, f"{adapter}.json"), VALIDATION, "cpu",
             self.path("validate", model, engine, f"{adapter}.json")))
-
-
-@pytest.fixture(scope="session")
-def pipe(tmp_path_factory):
-    p = Pipeline(tmp_path_factory.mktemp("pipeline"))
-    p.model("tiny-llama")
-    p.model("tiny-mixtral")
-    return p
 
 
 def _read(path):
@@ -594,10 +594,17 @@ def test_aggregate_tables(reported):
 
 
 def test_plots_written(reported):
-    pngs = [Path(p) for p in reported["figures"]]
-    assert len(pngs) >= 3
-    for p in pngs:
-        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    pngs = {Path(p).stem: Path(p) for p in reported["figures"]}
+    assert set(pngs) == set(plots.FIGURES)
+    for name, p in pngs.items():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        # drawn from rows: a "no ... rows" placeholder has no pixel in the data colour, the
+        # sparsest figure here (tiny weights beside the process baseline) about 100;
+        # no configuration here profiles its decode
+        if name == "decode_time":
+            assert data_pixels(p) == 0
+        else:
+            assert data_pixels(p) > 50, name
 
 
 def test_report_markdown(reported):
@@ -643,6 +650,17 @@ def test_report_markdown(reported):
             assert f"](../figures/{name}.png)" in text
     # no configuration here profiles its decode: no decode section, no decode figure
     assert "Where batch-1 decode time goes" not in text and "decode_time.png" not in text
+
+
+@pytest.mark.xfail(strict=True, reason="int4lora/views.py reads output_tok_s_median, the name "
+                   "before the split; bench rows carry e2e_tok_s_median: the column shows '–'")
+def test_latency_table_shows_end_to_end_throughput(reported):
+    latency = reported["md"].read_text().split("## Latency and throughput")[1].split("\n## ")[0]
+    lines = [line for line in latency.splitlines() if line.startswith("| ")]
+    cols = [c.strip() for c in lines[0].strip("|").split("|")]
+    e2e = cols.index("end-to-end tok/s")
+    values = [line.strip("|").split("|")[e2e].strip() for line in lines[2:]]
+    assert values and "–" not in values, values
 
 
 def test_report_html_is_self_contained(reported):

@@ -60,6 +60,31 @@ def test_bootstrap_ci_of_the_median_covers_it_and_narrows_with_n():
     assert stats.bootstrap_ci([2.0] * 8) == (2.0, 2.0)
 
 
+def _distribution_free_ci(n: int, level: float) -> tuple[int, int]:
+    """Ranks (0-based) of the order statistics that bound the median with `level` confidence
+    whatever the distribution (binomial, p = 1/2)."""
+    from math import comb
+    cdf, tail = 0.0, (1 - level) / 2
+    for k in range(n + 1):
+        cdf += comb(n, k) / 2 ** n
+        if cdf > tail:
+            return k, n - 1 - k
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("level", [0.95, 0.90])
+def test_bootstrap_ci_has_its_stated_coverage(level):
+    """On 0..400 the bootstrap interval of the median lies within one rank of the exact
+    distribution-free interval of the same level (95%: ranks 181 and 219; a 90% interval
+    would be 184 and 216)."""
+    values = [float(v) for v in range(401)]
+    low, high = _distribution_free_ci(len(values), level)
+    got = stats.bootstrap_ci(values, level) if level != stats.CI_LEVEL \
+        else stats.summarize(values)
+    got = (got["ci_low"], got["ci_high"]) if isinstance(got, dict) else got
+    assert abs(got[0] - low) <= 1 and abs(got[1] - high) <= 1, (got, (low, high))
+
+
 def test_paired_ratio_ci():
     base = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.02]
     adapter = [b * 1.2 for b in base]  # exactly +20% in every pair, whatever the drift
