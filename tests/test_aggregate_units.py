@@ -65,3 +65,21 @@ def test_gate_a_failed_base_check_marks_every_row_of_the_model():
 def test_gate_without_validations():
     assert aggregate.gate(BENCH, pd.DataFrame()) == ["unvalidated"] * len(BENCH)
     assert aggregate.gate(pd.DataFrame(), pd.DataFrame()) == []
+
+
+def test_rows_that_did_not_run_carry_no_verdict():
+    """A lora-x4 row at batch 1 (not run) or an OOM row has no number: it is never shown as
+    PASS even when the validation of its adapter passed."""
+    import pandas as pd
+
+    import aggregate
+    bench = pd.DataFrame([
+        {"model": "m", "engine": "e", "adapter": "a", "variant": "lora-adapter", "batch": 1,
+         "status": "ok"},
+        {"model": "m", "engine": "e", "adapter": "a", "variant": "lora-x4", "batch": 1,
+         "status": "not run"},
+        {"model": "m", "engine": "e", "adapter": "a", "variant": "lora-adapter", "batch": 64,
+         "status": "oom"}])
+    validation = pd.DataFrame([{"model": "m", "engine": "e", "adapter": "a", "scope": "adapter",
+                                "verdict": "PASS"}])
+    assert aggregate.gate(bench, validation) == ["PASS", "not run", "not run"]

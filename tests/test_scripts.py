@@ -652,8 +652,6 @@ def test_report_markdown(reported):
     assert "Where batch-1 decode time goes" not in text and "decode_time.png" not in text
 
 
-@pytest.mark.xfail(strict=True, reason="int4lora/views.py reads output_tok_s_median, the name "
-                   "before the split; bench rows carry e2e_tok_s_median: the column shows '–'")
 def test_latency_table_shows_end_to_end_throughput(reported):
     latency = reported["md"].read_text().split("## Latency and throughput")[1].split("\n## ")[0]
     lines = [line for line in latency.splitlines() if line.startswith("| ")]

@@ -284,6 +284,8 @@ def gate(bench: pd.DataFrame, validation: pd.DataFrame) -> list[str]:
             else "PASS"
 
     def one(r) -> str:
+        if getattr(r, "status", "ok") != "ok":  # a row that did not run has no number to gate
+            return "not run"
         got = base.get((r.model, r.engine)) if r.variant in BASE_VARIANTS \
             else full.get((r.model, r.engine, r.adapter))
         return got or "unvalidated"

@@ -92,11 +92,13 @@ def adapter_checks(m: dict, th: dict) -> list[dict]:
                 reason="adapter has no effect beyond engine noise"),
         verdict("adapter.agreement.top1", "adapter",
                 "adapter: top-1 vs dequantized fp32 + PEFT (confident positions)",
-                agree["adapter"]["confident_top1_agreement"], ">=", th["kernel_top1_min"]),
+                agree["adapter"]["confident_top1_agreement"], ">=", th["kernel_top1_min"],
+                reason="the engine with the adapter disagrees with fp32 PEFT on confident tokens"),
         verdict("adapter.agreement.effect", "adapter",
                 "adapter: effect rel. error vs fp32 PEFT", agree["effect_rel_error"], "<=",
                 max(th["lora_delta_rel_err_max"], 2 * agree["base_noise"]),
                 floor=agree["base_noise"],
+                reason="the adapter's effect differs from fp32 PEFT's beyond the engine's error",
                 note=f"limit = max({th['lora_delta_rel_err_max']}, 2 x the engine's base "
                      f"error in units of the effect, {agree['base_noise']:.3g})"),
     ]
@@ -118,7 +120,8 @@ def control_checks(m: dict, th: dict) -> list[dict]:
         verdict("control.top1", "adapter",
                 "zero-B control keeps top-1 at confident positions (flip rate)", flip_rate, "<=",
                 0.0, floor=floor["confident_flip_rate"],
-                reason="the zero-B control changes confident tokens"),
+                reason="the zero-B control changes confident tokens" if flip_rate is not None
+                else "no position is confident beyond the engine's noise floor"),
     ]
 
 
@@ -146,7 +149,9 @@ def base_checks(m: dict, th: dict) -> list[dict]:
     return [
         verdict("base.agreement.top1", "base",
                 "base: top-1 vs dequantized fp32 (confident positions)",
-                m["agreement"]["base"]["confident_top1_agreement"], ">=", th["kernel_top1_min"]),
+                m["agreement"]["base"]["confident_top1_agreement"], ">=", th["kernel_top1_min"],
+                reason="the engine disagrees with its own weights in fp32 on confident tokens "
+                       "(a wrong kernel or dequantization)"),
         verdict("base.quantization.top1", "base",
                 "base: top-1 vs original weights (confident positions)",
                 m["quantization"]["confident_top1_agreement"] if real else None, ">=",

@@ -161,7 +161,7 @@ def _latency_columns(bench: pd.DataFrame) -> list[tuple[str, object]]:
         cols.append(("n excl. (compile)", lambda r: R.num(R.plain(r.get("n_excluded_compile")),
                                                           r.get("n_excluded_compile"))))
     for header, col, fmt in (("decode tok/s", "decode_tok_s_median", R.tok_s),
-                             ("end-to-end tok/s", "output_tok_s_median", R.tok_s),
+                             ("end-to-end tok/s", "e2e_tok_s_median", R.tok_s),
                              ("prefill tok/s", "prefill_tok_s_median", R.tok_s),
                              ("roofline", "roofline_fraction", R.pct)):
         cols.append((header, lambda r, c=col, f=fmt: R.num(f(r.get(c)), r.get(c))))
