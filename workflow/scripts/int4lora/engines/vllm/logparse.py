@@ -16,40 +16,38 @@ _RECORD = re.compile(
 )
 _PY_WARNING = re.compile(r"\b(\w*Warning): (.*)$")
 
-# compressed_tensors_wNa16.py: logger.info("Using %s for CompressedTensorsWNA16", kernel)
-RE_W4A16_KERNEL = re.compile(r"Using (\w+) for CompressedTensorsWNA16\b")
-# compressed_tensors_moe.py: logger.info_once("Using CompressedTensorsWNA16MarlinMoEMethod") etc.
-RE_MOE_METHOD = re.compile(r"Using (CompressedTensors\w*MoEMethod)\b")
-# fused_moe/oracle/int_wna16.py: f"Using '{backend.value}' WNA16 MoE backend."
-# (other oracles: "Using X Fp8 MoE backend ...", "Using TRITON Unquantized MoE LoRA backend",
-#  unquantized.py "Using %s MoE backend")
-RE_MOE_BACKEND = re.compile(
-    r"Using '?(?P<backend>\w+)'?(?: (?P<kind>[\w ]+?))? MoE (?:LoRA )?backend"
-)
-# lora/ops/triton_ops/utils.py
-RE_LORA_TUNED = re.compile(r"Using tuned LoRA kernel configs from (\S+?)\.?\s*$")
-RE_LORA_MISSING = re.compile(r"No LoRA kernel configs found in (\S+)")
-RE_LORA_DEFAULT = re.compile(r"Using default LoRA kernel configs")
-# v1/worker/gpu_model_runner.py: "Model loading took %s GiB memory and %.6f seconds"
-# v1/worker/gpu/model_runner.py: "Model loading took %s GiB and %.6f seconds"
-RE_MODEL_LOADING = re.compile(r"Model loading took (-?[\d.]+) GiB (?:memory )?and ([\d.]+) seconds")
-# v1/worker/gpu_worker.py: "Available KV cache memory: %s GiB"
-RE_KV_GIB = re.compile(r"Available KV cache memory: (-?[\d.]+) GiB")
-# v1/core/kv_cache_utils.py: "GPU KV cache size: %s tokens" with f"{num_tokens:,}"
-RE_KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
-# gpu_model_runner.py / gpu/model_runner.py: "Graph capturing finished in %.0f secs, took %.2f GiB"
-RE_GRAPH = re.compile(r"Graph capturing finished in ([\d.]+) secs, took (-?[\d.]+) GiB")
-# compilation/monitor.py: "torch.compile took %.2f s in total"
-# compilation/decorators.py: "torch.compile and initial profiling/warmup run together took %.2f s in total"
-RE_TORCH_COMPILE = re.compile(
-    r"torch\.compile (?:and initial profiling/warmup run together )?took ([\d.]+) s in total"
-)
-# v1/engine/core.py: "init engine (profile, create kv cache, warmup model) took %.2f s"
-#   optionally followed by " (compilation: %.2f s" (and " — language_model: ..., encoder: ...)")
-RE_INIT_ENGINE = re.compile(
-    r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"
-    r"(?: \(compilation: ([\d.]+) s)?"
-)
+# Each message the parser reads, by name: the vLLM 0.26 source that prints it, and its pattern.
+_MESSAGES = {
+    # compressed_tensors_wNa16.py: logger.info("Using %s for CompressedTensorsWNA16", kernel)
+    "w4a16_kernel": r"Using (\w+) for CompressedTensorsWNA16\b",
+    # compressed_tensors_moe.py: logger.info_once("Using CompressedTensorsWNA16MarlinMoEMethod")
+    "moe_method": r"Using (CompressedTensors\w*MoEMethod)\b",
+    # fused_moe/oracle/int_wna16.py: f"Using '{backend.value}' WNA16 MoE backend." (other
+    # oracles: "Using X Fp8 MoE backend ...", "Using TRITON Unquantized MoE LoRA backend")
+    "moe_backend": r"Using '?(?P<backend>\w+)'?(?: (?P<kind>[\w ]+?))? MoE (?:LoRA )?backend",
+    # lora/ops/triton_ops/utils.py
+    "lora_tuned": r"Using tuned LoRA kernel configs from (\S+?)\.?\s*$",
+    "lora_missing": r"No LoRA kernel configs found in (\S+)",
+    "lora_default": r"Using default LoRA kernel configs",
+    # v1/worker/gpu_model_runner.py "Model loading took %s GiB memory and %.6f seconds",
+    # v1/worker/gpu/model_runner.py "Model loading took %s GiB and %.6f seconds"
+    "model_loading": r"Model loading took (-?[\d.]+) GiB (?:memory )?and ([\d.]+) seconds",
+    # v1/worker/gpu_worker.py: "Available KV cache memory: %s GiB"
+    "kv_gib": r"Available KV cache memory: (-?[\d.]+) GiB",
+    # v1/core/kv_cache_utils.py: "GPU KV cache size: %s tokens" with f"{num_tokens:,}"
+    "kv_tokens": r"GPU KV cache size: ([\d,]+) tokens",
+    # gpu_model_runner.py: "Graph capturing finished in %.0f secs, took %.2f GiB"
+    "graph": r"Graph capturing finished in ([\d.]+) secs, took (-?[\d.]+) GiB",
+    # compilation/monitor.py "torch.compile took %.2f s in total"; compilation/decorators.py
+    # "torch.compile and initial profiling/warmup run together took %.2f s in total"
+    "torch_compile": r"torch\.compile (?:and initial profiling/warmup run together )?took "
+                     r"([\d.]+) s in total",
+    # v1/engine/core.py: "init engine (profile, create kv cache, warmup model) took %.2f s"
+    # optionally followed by " (compilation: %.2f s" (and " — language_model: ..., ...)")
+    "init_engine": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"
+                   r"(?: \(compilation: ([\d.]+) s)?",
+}
+RE = {name: re.compile(pattern) for name, pattern in _MESSAGES.items()}
 
 
 def _last(regex: re.Pattern, lines: Sequence[str]) -> re.Match | None:
@@ -80,31 +78,49 @@ def parse_engine_log(text: str) -> dict:
     text = _ANSI.sub("", text or "")
     lines = [ln for ln in re.split(r"[\r\n]+", text) if ln.strip()]
 
-    w4a16 = _unique(m.group(1) for ln in lines for m in [RE_W4A16_KERNEL.search(ln)] if m)
+    w4a16 = _unique(m.group(1) for ln in lines for m in [RE["w4a16_kernel"].search(ln)] if m)
 
-    moe_method = _last(RE_MOE_METHOD, lines)
-    moe_backend = _last(RE_MOE_BACKEND, lines)
+    moe_method = _last(RE["moe_method"], lines)
+    moe_backend = _last(RE["moe_backend"], lines)
     moe_parts = [p for p in (moe_method and moe_method.group(1),
                              moe_backend and moe_backend.group("backend")) if p]
     moe_kernel = "/".join(moe_parts) if moe_parts else None
 
-    tuned = any(RE_LORA_TUNED.search(ln) for ln in lines)
-    default = any(RE_LORA_DEFAULT.search(ln) for ln in lines)
+    tuned = any(RE["lora_tuned"].search(ln) for ln in lines)
+    default = any(RE["lora_default"].search(ln) for ln in lines)
     lora_cfg = "mixed" if tuned and default else "tuned" if tuned else "default" if default else None
 
-    def fnum(m: re.Match | None, group: int = 1) -> float | None:
-        return float(m.group(group)) if m and m.group(group) is not None else None
-
-    m_load = _last(RE_MODEL_LOADING, lines)
-    m_kv = _last(RE_KV_GIB, lines)
-    m_tok = _last(RE_KV_TOKENS, lines)
-    m_graph = _last(RE_GRAPH, lines)
-    m_init = _last(RE_INIT_ENGINE, lines)
-    m_compile = _last(RE_TORCH_COMPILE, lines)
-    compile_s = fnum(m_init, 2)
+    m_load = _last(RE["model_loading"], lines)
+    m_kv = _last(RE["kv_gib"], lines)
+    m_tok = _last(RE["kv_tokens"], lines)
+    m_graph = _last(RE["graph"], lines)
+    m_init = _last(RE["init_engine"], lines)
+    m_compile = _last(RE["torch_compile"], lines)
+    compile_s = _fnum(m_init, 2)
     if compile_s is None:
-        compile_s = fnum(m_compile)
+        compile_s = _fnum(m_compile)
+    return {
+        "w4a16_kernels": w4a16,
+        "moe_kernel": moe_kernel,
+        "lora_kernel_configs": lora_cfg,
+        "model_weights_gib": _fnum(m_load),
+        "model_load_s": _fnum(m_load, 2),
+        "kv_cache_gib": _fnum(m_kv),
+        "kv_cache_tokens": int(m_tok.group(1).replace(",", "")) if m_tok else None,
+        "cuda_graph_gib": _fnum(m_graph, 2),
+        "cuda_graph_s": _fnum(m_graph, 1),
+        "compile_s": compile_s,
+        "engine_init_s": _fnum(m_init),
+        "warnings": _warnings(lines),
+    }
 
+
+def _fnum(m: re.Match | None, group: int = 1) -> float | None:
+    return float(m.group(group)) if m and m.group(group) is not None else None
+
+
+def _warnings(lines: Sequence[str]) -> list[str]:
+    """vLLM WARNING/ERROR records and Python "...Warning: ..." lines, de-duplicated."""
     warnings: list[str] = []
     for ln in lines:
         rec = _RECORD.search(ln)
@@ -116,18 +132,5 @@ def parse_engine_log(text: str) -> dict:
         pw = _PY_WARNING.search(ln)
         if pw:
             warnings.append(f"{pw.group(1)}: {pw.group(2).strip()}")
-    return {
-        "w4a16_kernels": w4a16,
-        "moe_kernel": moe_kernel,
-        "lora_kernel_configs": lora_cfg,
-        "model_weights_gib": fnum(m_load),
-        "model_load_s": fnum(m_load, 2),
-        "kv_cache_gib": fnum(m_kv),
-        "kv_cache_tokens": int(m_tok.group(1).replace(",", "")) if m_tok else None,
-        "cuda_graph_gib": fnum(m_graph, 2),
-        "cuda_graph_s": fnum(m_graph, 1),
-        "compile_s": compile_s,
-        "engine_init_s": fnum(m_init),
-        "warnings": _unique(warnings),
-    }
+    return _unique(warnings)
 
