@@ -251,7 +251,7 @@ def job_plan(config: dict, model: str, engine: str, adapter: str | None = None) 
     result as what ran. lora-xN needs N distinct adapter copies; batches smaller than N run no
     lora-xN (the bench records why)."""
     eng = with_defaults(config["engines"][engine], "engine")
-    bench = config["benchmark"]
+    bench = with_defaults(config.get("benchmark") or {}, "benchmark")
     multi = eng["multi_adapter"] if eng.get("multi_adapter") is not None \
         else bench["multi_adapter"]
     plan = {"model": model, "engine": engine, "backend": eng["backend"],

@@ -8,6 +8,7 @@ config. A name found nowhere is an error naming it, so rules and scripts cannot 
 from __future__ import annotations
 
 import inspect
+import signal
 import traceback
 
 from .logcapture import fd_redirect
@@ -41,9 +42,16 @@ def bind(snakemake, main) -> dict:
     return kwargs
 
 
+def terminate_as_exit(signum, _frame):
+    """SIGTERM (Snakemake's or a cluster's cancel) unwinds like Ctrl-C: `finally` blocks run, so an
+    engine shuts its worker processes down, and the atomic writers leave nothing half-written."""
+    raise SystemExit(128 + signum)
+
+
 def run(snakemake, main):
     from . import resultio
     resultio.RECORD_ERRORS = bool(snakemake.config.get("record_errors", False))
+    signal.signal(signal.SIGTERM, terminate_as_exit)
     log = snakemake.log[0] if len(snakemake.log) else None
     with fd_redirect(log):
         try:
