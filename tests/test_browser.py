@@ -87,7 +87,10 @@ def probe(page: Path, fragment: str = "") -> dict:
     """Load a copy of `page` with the probe appended; the probe's measurements."""
     copy = page.with_name(page.stem + ".probe.html")
     copy.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
-    dom = _chromium("--dump-dom", copy.as_uri() + fragment)
+    try:  # the copy sits beside the page so its relative figure links resolve; never leave it
+        dom = _chromium("--dump-dom", copy.as_uri() + fragment)
+    finally:
+        copy.unlink()
     found = re.search(r'<pre id="browser-probe">(.*?)</pre>', dom, re.S)
     assert found, "the probe did not run: " + dom[-500:]
     return json.loads(html.unescape(found.group(1)))
