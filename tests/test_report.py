@@ -197,9 +197,18 @@ def test_mark_rows_prefers_the_aggregates_validated_column():
     bench = pd.DataFrame([{"model": "m", "engine": "e", "adapter": "a", "variant": v,
                            "validated": got} for v, got in (
                                ("lora-adapter", "FAIL"), ("base", "PASS"),
-                               ("lora-adapter", "unvalidated"))])
+                               ("lora-adapter", "unvalidated"), ("lora-x2", "not run"))])
     marked = summary.mark_rows(bench, summary.verdicts(pd.DataFrame()))
-    assert list(marked["validated"]) == ["FAIL: do not trust", "PASS", "unvalidated"]
+    assert list(marked["validated"]) == ["FAIL: do not trust", "PASS", "unvalidated", "not run"]
+
+
+def test_mark_rows_gives_a_row_that_did_not_run_no_verdict():
+    verdict = pd.DataFrame([{"model": "m", "engine": "e", "adapter": "a", "check_id": "c",
+                             "scope": "adapter", "verdict": "PASS"}])
+    bench = pd.DataFrame([{"model": "m", "engine": "e", "adapter": "a", "variant": "lora-x2",
+                           "status": status} for status in ("ok", "not run")])
+    marked = summary.mark_rows(bench, summary.verdicts(verdict))
+    assert list(marked["validated"]) == ["PASS", "not run"]
 
 
 # --------------------------------------------------------------------------- the H100 run

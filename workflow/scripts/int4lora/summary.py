@@ -15,7 +15,7 @@ from .outputs import MEMORY_COLUMNS
 
 # checks that concern the base model alone (older tables have no `scope` column)
 BASE_CHECK_PREFIXES = ("coverage", "agreement: base", "quantization", "quality")
-SHOWN = {"PASS": "PASS", "FAIL": "FAIL: do not trust"}
+SHOWN = {"PASS": "PASS", "FAIL": "FAIL: do not trust", "not run": "not run"}
 ENV_VERSIONS = (("torch", "torch"), ("vllm", "vLLM"), ("transformers", "transformers"),
                 ("bitsandbytes", "bnb"), ("peft", "peft"), ("llmcompressor", "llmcompressor"),
                 ("compressed-tensors", "compressed-tensors"))
@@ -69,9 +69,9 @@ def _verdict_maps(verdict: pd.DataFrame):
 
 
 def mark_rows(rows: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
-    """validated: PASS / FAIL: do not trust / unvalidated. A `validated` column the aggregate
-    wrote wins; otherwise rows serving an adapter take that adapter's verdict and base rows the
-    base checks of every validation of the engine."""
+    """validated: PASS / FAIL: do not trust / unvalidated / not run. A `validated` column the
+    aggregate wrote wins; otherwise rows serving an adapter take that adapter's verdict and base
+    rows the base checks of every validation of the engine."""
     if rows.empty:
         return rows
     rows = rows.copy()
@@ -81,6 +81,8 @@ def mark_rows(rows: pd.DataFrame, verdict: pd.DataFrame) -> pd.DataFrame:
     full, base = _verdict_maps(verdict)
 
     def mark(r):
+        if getattr(r, "status", "ok") != "ok":  # no number, so nothing to gate
+            return "not run"
         serves_adapter = r.variant not in ("base", "lora-base")
         got = full.get((r.model, r.engine, r.adapter)) if serves_adapter \
             else base.get((r.model, r.engine))
