@@ -83,3 +83,55 @@ def test_rows_that_did_not_run_carry_no_verdict():
     validation = pd.DataFrame([{"model": "m", "engine": "e", "adapter": "a", "scope": "adapter",
                                 "verdict": "PASS"}])
     assert aggregate.gate(bench, validation) == ["PASS", "not run", "not run"]
+
+
+def test_bench_memory_row_carries_the_engines_own_figures_for_the_source_table():
+    """vLLM's own weights, KV pool and model-load figures reach the memory table, where the
+    source-report comparison reads them (the vLLM report quotes all three)."""
+    from int4lora import sources
+    arch = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "hidden_size": 64}
+    res = {"model": "q", "engine": "v", "adapter": "r16",
+           "metrics": {"runs": [{"batch": 1, "prompt_tokens": 128, "output_tokens": 16,
+                                 "status": "ok"}],
+                       "memory": {"engine_model_weights_gib": 18.27, "engine_kv_cache_gib": 51.3,
+                                  "engine_model_load_s": 5.53, "engine_cuda_graph_gib": 0.26,
+                                  "nvml_device_used_bytes": 7.8e10},
+                       "weight_storage": {"total_bytes": 19 * 2**30}, "adapter_bytes": 10,
+                       "architecture": arch}}
+    (row,) = aggregate.bench_memory_rows(res)
+    assert row["engine_model_load_s"] == pytest.approx(5.53)
+    frames = {"bench": pd.DataFrame(), "overhead": pd.DataFrame(), "memory": pd.DataFrame([row])}
+    assert sources.our_figure("model_load_s", frames, "q", "v", "r16")[0] == pytest.approx(5.53)
+    assert sources.our_figure("weights_gib", frames, "q", "v", "r16")[0] == pytest.approx(18.27)
+
+
+def _tsv(path, *seconds):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["s\th:m:s\tmax_rss\tmax_vms"] + [f"{s}\t0:00:00\t100.5\t200" for s in seconds]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_job_times_name_each_job_and_join_its_engine_start(tmp_path):
+    root = tmp_path / "benchmarks"
+    _tsv(root / "bench_lora" / "m" / "v" / "r16.tsv", 120.0)
+    _tsv(root / "bench_baseline" / "m" / "v.tsv", 90.0, 80.0)  # a rerun appends a line
+    _tsv(root / "make_adapter" / "m" / "r16.tsv", 20.0)
+    _tsv(root / "aggregate.tsv", 1.0)
+    env = {"started": "2026-11-25T13:00:00Z", "finished": "2026-11-25T13:02:00Z"}
+    results = {("bench", "m", "v", "r16"): {
+        "env": env, "metrics": {"engine_start_s": 95.0, "engine_info": {
+            "engine_log": {"engine_init_s": 40.0, "compile_s": 30.0}}}}}
+    rows = {(r["rule"], r["adapter"]): r for r in aggregate.job_time_rows(root, results)}
+    lora = rows[("bench_lora", "r16")]
+    assert (lora["model"], lora["engine"], lora["job_s"]) == ("m", "v", 120.0)
+    assert (lora["engine_start_s"], lora["engine_init_s"], lora["compile_s"]) == (95.0, 40.0, 30.0)
+    assert lora["started"] == env["started"]
+    base = rows[("bench_baseline", "none")]
+    assert (base["engine"], base["job_s"]) == ("v", 80.0) and "engine_start_s" not in base
+    adapter = rows[("make_adapter", "r16")]
+    assert (adapter["model"], adapter["engine"]) == ("m", None)
+    assert rows[("aggregate", None)]["model"] is None
+    from int4lora import views
+    lead = views.job_time_lead(pd.DataFrame(list(rows.values())))
+    assert lead.startswith("4 jobs took 3.7 min of job time") and "95–95 s" in lead

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
            "chromium; .ci/run installs it)")
 
 H100 = ROOT / "docs" / "runs" / "2026-11-23-h100-gpu-synthetic" / "results" / "tables"
+SEEDS = ROOT / "docs" / "runs" / "2026-11-25-h100-gpu-seeds"
 WIDTH, HEIGHT = 1400, 900
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -119,6 +120,32 @@ def h100_page(tmp_path_factory):
 @pytest.fixture(scope="module")
 def measured(h100_page):
     return probe(h100_page)
+
+
+@pytest.fixture(scope="module")
+def seeds_measured(tmp_path_factory):
+    """The committed full-size run (long setting names, base rows from the LoRA engine) through
+    this report, measured in the browser."""
+    import plots
+    import report
+    from int4lora.sources import load_sources
+    tables = SEEDS / "results" / "tables"
+    config = yaml.safe_load((SEEDS / "config.yaml").read_text())
+    out = tmp_path_factory.mktemp("seeds-browser")
+    plots.main(str(tables), str(out / "figures"), config["models"], config["engines"])
+    report.main(str(tables), str(out / "figures"), str(out / "report.md"), str(out / "index.html"),
+                config["preset"], config["description"], load_sources(), config["models"],
+                config["engines"])
+    return probe(out / "index.html")
+
+
+def test_full_size_run_fits_the_page_and_its_summary_the_first_screen(seeds_measured):
+    got = seeds_measured
+    assert got["page_scroll_width"] <= WIDTH
+    wide = [(t["id"] or t["head"], round(t["right"])) for t in got["tables"]
+            if t["right"] > WIDTH or t["left"] < 0]
+    assert not wide, wide
+    assert got["headlines_bottom"] < got["summary_bottom"] <= got["height"]
 
 
 def test_every_image_loads(measured):

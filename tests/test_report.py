@@ -158,6 +158,37 @@ def test_summary_takes_the_fastest_validated_setting(new_run):
     assert [r["setting"] for r in head["faster_unvalidated"]] == ["Marlin"]
 
 
+def test_summary_base_from_the_lora_engine_where_no_baseline_engine_ran(tmp_path):
+    """A preset without a LoRA-less engine (gpu-seeds): the base columns show the LoRA engine's
+    own base requests, marked, never an empty cell nor another engine's baseline."""
+    rows = [_bench_row("vllm", "q,v", "r16", variant, b, tpot, "PASS")
+            for b in (1, 8) for variant, tpot in (("lora-base", 0.004), ("lora-adapter", 0.005))]
+    frames = {"bench": rows, "overhead": [], "validation": [], "memory": [], "status": [],
+              "quality": [], "coverage": [], "decode_profile": [], "noise_floor": [],
+              "peer_check": [], "sources": []}
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name, data in frames.items():
+        pd.DataFrame(data).to_csv(tables / f"{name}.csv", index=False)
+    t = report.load(tables, [], {}, ENGINES)
+    (row,) = t["summary"]
+    assert row["base_on_lora_engine"] is True
+    assert row["base_small"]["value"] == pytest.approx(250.0)  # 1 / 0.004, the lora-base row
+    assert row["base_small"]["ref"] == "bench-m7-vllm-q-v-r16-lora-base-1"
+    assert row["base_large"]["value"] == pytest.approx(2000.0)
+    assert row["roofline"]["value"] == pytest.approx(0.4)
+    text = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    line = next(x for x in text.splitlines() if x.startswith("| m7 | vllm"))
+    assert "250 †" in line and "2,000 †" in line
+    assert "† base requests on the LoRA-enabled engine" in text
+
+
+def test_summary_base_prefers_the_engine_without_lora(new_run):
+    _, t = new_run
+    vllm = next(r for r in t["summary"] if r["backend"] == "vllm")
+    assert vllm["base_on_lora_engine"] is False
+
+
 def test_new_columns_render(new_run, tmp_path):
     tables, _ = new_run
     text = report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES)
@@ -344,3 +375,16 @@ def test_each_figure_has_its_own_caption(name):
     stub = (ROOT / "workflow" / "report" / "figures" / f"{name}.rst").read_text()
     sm = SimpleNamespace(params=SimpleNamespace(captions=outputs.FIGURE_CAPTIONS))
     assert Template(stub).render(snakemake=sm).strip() == outputs.FIGURE_CAPTIONS[name]
+
+
+def test_job_time_section_only_where_the_run_has_job_times(new_run, tmp_path):
+    tables, _ = new_run
+    plain = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    assert "## Job time" not in plain
+    pd.DataFrame([{"rule": "bench_lora", "model": "m7", "engine": "vllm", "adapter": "r16",
+                   "job_s": 123.5, "engine_start_s": 101.0, "compile_s": 28.0}]).to_csv(
+        tables / "job_times.csv", index=False)
+    plain = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    section = plain.split("## Job time")[1].split("\n## ")[0]
+    assert "1 jobs took 2.1 min of job time" in section
+    assert "| bench_lora | m7 | vllm | r16 | 124 | 101 | 28 |" in section

@@ -44,6 +44,8 @@ def test_source_rows_match_convert_and_rescale():
     assert over["our_value"] == pytest.approx(25.0) and over["validated"] == "FAIL"
     assert over["bandwidth_normalised"] is None  # a ratio does not scale with bandwidth
     assert by[("S", "peak_memory_gb_lora")]["our_value"] == pytest.approx(5.0)
+    # a memory figure carries no verdict (not "unvalidated"): checks gate speed figures
+    assert by[("S", "peak_memory_gb_lora")]["validated"] is None
     # a source system this run does not have is listed, not dropped
     missing = by[("T", "decode_tok_s_b1_lora")]
     assert missing["our_value"] is None and missing["our_config"] == "not in this run"

@@ -8,6 +8,9 @@
 set -uo pipefail
 preset=$1; shift
 [ -f /tmp/gpu-env.sh ] && source /tmp/gpu-env.sh
+# the device gets the working tree but not this checkout's .git (its `git rev-parse HEAD` can name
+# an older commit): `git rev-parse HEAD > .git-commit` here and carry it, and the results say so
+[ -f .git-commit ] && export INT4LORA_GIT_COMMIT=$(cat .git-commit)
 export PYTHONUNBUFFERED=1
 # FlashInfer's sampler is JIT-compiled with ninja at the first engine start (minutes on a bare
 # node, seen on the H100 node); vLLM's PyTorch sampler needs no build.

@@ -13,6 +13,8 @@ rule aggregate:
         table_captions=TABLE_CAPTIONS,
         models=MODELS,
         engines=ENGINES,
+        # read, not an input: the jobs' timings, written by Snakemake beside their results
+        benchmarks_dir=BENCHMARKS,
     log:
         f"{LOGS}/aggregate.log",
     benchmark:

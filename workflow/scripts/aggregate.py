@@ -124,7 +124,7 @@ def bench_memory_rows(res: dict) -> list[dict]:
            **memory_columns(weights, lora_buffers if lora_buffers is not None else adapter,
                             kv, pool, None)}
     for key in ("engine_model_weights_gib", "engine_kv_cache_gib", "engine_cuda_graph_gib",
-                "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
+                "engine_model_load_s", "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
         if mem.get(key) is not None:
             row[key] = mem[key]
     for part, value in _memory_parts(mem, peak, weights, adapter, kv).items():
@@ -292,12 +292,55 @@ def gate(bench: pd.DataFrame, validation: pd.DataFrame) -> list[str]:
     return [one(r) for r in bench.itertuples()]
 
 
+# wildcards in each rule's benchmark path (benchmarks/<preset>/<rule>/<wildcards>.tsv); a rule
+# not named here has model/engine/adapter, one with no folder of its own has none
+JOB_WILDCARDS = {"fetch_model": ("model",), "quantize": ("model", "engine"),
+                 "make_adapter": ("model", "adapter"), "bench_baseline": ("model", "engine"),
+                 "peer_check": ("model", "engine")}
+# the result kind each engine rule writes (its `kind`), to join a job's engine start figures
+JOB_RESULT_KIND = {"bench_baseline": "bench", "bench_lora": "bench", "validate": "validate",
+                   "peer_check": "peer_check", "tune_lora_kernels": "tuning",
+                   "profile_memory": "memory"}
+
+
+def job_time_rows(benchmarks_dir: str | Path, results: dict) -> list[dict]:
+    """One row per job with a benchmark file: its wall seconds and peak RSS (Snakemake's
+    `benchmark:`), and for engine jobs the figures that say where the time before the first
+    timed request went. `results`: (kind, model, engine, adapter) -> result."""
+    root = Path(benchmarks_dir)
+    rows = []
+    for tsv in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        rel = tsv.relative_to(root).with_suffix("")
+        rule, names = rel.parts[0], rel.parts[1:]
+        wildcards = dict(zip(JOB_WILDCARDS.get(rule, ("model", "engine", "adapter")), names))
+        try:
+            last = pd.read_csv(tsv, sep="\t").iloc[-1]  # a rerun appends a line
+        except (pd.errors.EmptyDataError, IndexError):
+            continue
+        adapter = wildcards.get("adapter", "none" if rule in ("bench_baseline", "peer_check")
+                                else None)
+        row = {"rule": rule, "model": wildcards.get("model"), "engine": wildcards.get("engine"),
+               "adapter": adapter, "job_s": float(last["s"]),
+               "max_rss_mib": None if pd.isna(last.get("max_rss")) else float(last["max_rss"])}
+        res = results.get((JOB_RESULT_KIND.get(rule), row["model"], row["engine"], adapter))
+        if res is not None:
+            metrics = res.get("metrics") or {}
+            log = (metrics.get("engine_info") or {}).get("engine_log") or {}
+            row.update(engine_start_s=metrics.get("engine_start_s"),
+                       engine_init_s=log.get("engine_init_s"), compile_s=log.get("compile_s"),
+                       started=res["env"].get("started"), finished=res["env"].get("finished"))
+        rows.append(row)
+    return rows
+
+
 def collect(inputs: list[str], missing: list[str]) -> dict[str, list]:
     tables = {name: [] for name in TABLES}
     tables["status"] += missing_rows(missing)
     bench_memory = []
+    tables["_results"] = {}
     for path in sorted(inputs):
         res = read_result(path)
+        tables["_results"][(res["kind"], res["model"], res["engine"], res["adapter"])] = res
         tables["status"].append({"kind": res["kind"], "model": res["model"],
                                  "engine": res["engine"], "adapter": res["adapter"],
                                  "status": res["status"], "reason": res.get("reason"),
@@ -336,9 +379,13 @@ def collect(inputs: list[str], missing: list[str]) -> dict[str, list]:
 
 def main(inputs: list[str], outdir: str, missing: list[str] | None = None,
          models: dict | None = None, engines: dict | None = None,
-         sources_file: str | None = None) -> dict[str, pd.DataFrame]:
+         sources_file: str | None = None,
+         benchmarks_dir: str | None = None) -> dict[str, pd.DataFrame]:
     tables = collect(inputs, missing or [])
     bandwidth = tables.pop("_bandwidth", None)
+    results = tables.pop("_results")
+    if benchmarks_dir:
+        tables["job_times"] = job_time_rows(benchmarks_dir, results)
     frames = {name: pd.DataFrame(rows) for name, rows in tables.items()}
     for name in ("bench", "overhead"):
         if not frames[name].empty:

@@ -85,6 +85,17 @@ def headline_items(rows: list[dict]) -> list[str]:
     return items
 
 
+def _who_cell(who: str, also: str | None) -> Cell:
+    """Engine and setting, cut so that the summary table fits the first screen."""
+    cell = R.short(who, 46)
+    cell.title = "; ".join(t for t in (cell.title, also) if t) or None
+    return cell
+
+
+ON_LORA_ENGINE = ("base requests on the LoRA-enabled engine, paired with the adapter's: this "
+                  "run has no engine without LoRA for this setting")
+
+
 def _speed_cell(n: dict, formatter=R.tok_s, title: str | None = None) -> Cell:
     """A summary number, coloured and labelled on hover unless its checks passed."""
     if n.get("value") is None:
@@ -126,15 +137,18 @@ def summary_table(rows: list[dict]) -> Table:
         also = "also measured: " + ", ".join(r["alternatives"]) if r["alternatives"] else None
         no_ci = "no CI recorded in this run" if r["overhead_small"].get("value") is not None \
             and not r["overhead_small"].get("ci") else None
+        on_lora = ON_LORA_ENGINE if r.get("base_on_lora_engine") else None
+        base_fmt = (lambda v: f"{R.tok_s(v)} †") if on_lora else R.tok_s
+        roof_fmt = (lambda v: f"{R.pct(v)} †") if on_lora else R.pct
         out.append((S.anchor("summary", r["model"], r["backend"], r["adapter"]), [
-            R.short(r["model"], 24), Cell(who, title=also), Cell(r["adapter"]),
+            R.short(r["model"], 24), _who_cell(who, also), Cell(r["adapter"]),
             R.status_cell(r["verdict"], r["failed_checks"], r["verdict_ref"]),
-            _speed_cell(r["base_small"]), _speed_cell(r["lora_small"]),
-            _speed_cell(r["base_large"]), _speed_cell(r["lora_large"]),
+            _speed_cell(r["base_small"], base_fmt, on_lora), _speed_cell(r["lora_small"]),
+            _speed_cell(r["base_large"], base_fmt, on_lora), _speed_cell(r["lora_large"]),
             _speed_cell(r["overhead_small"], lambda v: _ci_text(r["overhead_small"]), no_ci),
             _speed_cell(r["overhead_large"], R.overhead),
             _speed_cell(r["weights"], weight_fmt), _speed_cell(r["adapter_mem"], R.mib),
-            _speed_cell(r["roofline"], R.pct)]))
+            _speed_cell(r["roofline"], roof_fmt, on_lora)]))
     titles = {"checks": "verdict of every check of this engine with this adapter",
               f"roofline {small}": "fastest possible decode step (bytes it must read over the "
                                    "measured bandwidth) / measured TPOT, base requests"}
@@ -164,7 +178,7 @@ def load(tables: Path, sources: list[dict], models: dict, engines: dict) -> dict
     the summary rows and the source comparison."""
     t = {name: _read(tables, name) for name in
          ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
-          "status", "noise_floor", "peer_check", "sources")}
+          "status", "noise_floor", "peer_check", "sources", "job_times")}
     t["verdict"] = S.verdicts(t["validation"])
     t["bench"] = S.with_setting(S.with_decode_speed(S.mark_rows(t["bench"], t["verdict"])),
                                 engines)
@@ -192,7 +206,10 @@ def summary_blocks(t: dict, preset: str, models: dict) -> list:
                           "TPOT of adapter requests over base requests on the same engine, "
                           "paired. Coloured numbers did not pass their checks: "
                           "**FAIL: do not trust** (red) or **unvalidated** (yellow). Every "
-                          "number links to the row it comes from.")]
+                          "number links to the row it comes from." +
+                          (" † base requests on the LoRA-enabled engine (paired with the "
+                           "adapter's): no engine without LoRA ran for that setting."
+                           if any(r.get("base_on_lora_engine") for r in t["summary"]) else ""))]
     if not t["sources"].empty:
         blocks += [Block("h3", "Source reports beside ours", id="sources"),
                    sources_table(t["sources"])]
@@ -225,8 +242,11 @@ def detail_blocks(t: dict, description: str) -> list:
                Block("h2", "Quantization coverage", id="coverage"),
                V.coverage_table(t["coverage"]), _figure("weight_coverage"),
                Block("h2", "Agreement and quality", id="quality"), V.quality_table(t["quality"]),
-               Block("h2", "Time to first token", id="ttft"), _figure("ttft"),
-               Block("h2", "Glossary", id="glossary"), Block("ul", items=V.GLOSSARY),
+               Block("h2", "Time to first token", id="ttft"), _figure("ttft")]
+    if not t["job_times"].empty:
+        blocks += [Block("h2", "Job time", id="job-time"),
+                   Block("p", V.job_time_lead(t["job_times"])), V.job_time_table(t["job_times"])]
+    blocks += [Block("h2", "Glossary", id="glossary"), Block("ul", items=V.GLOSSARY),
                Block("h2", "Environment", id="environment"), V.env_table(t["status"])]
     return blocks
 

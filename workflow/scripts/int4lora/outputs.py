@@ -6,7 +6,7 @@ is named (and described) in one place only.
 
 # tidy CSV tables written by aggregate.py (results/tables/<name>.csv)
 TABLES = ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
-          "status", "noise_floor", "peer_check", "sources", "tuning")
+          "status", "noise_floor", "peer_check", "sources", "tuning", "job_times")
 
 TABLE_CAPTIONS = {
     "bench": "One row per model, engine, adapter, request variant and batch: TTFT, TPOT, "
@@ -27,6 +27,9 @@ TABLE_CAPTIONS = {
                    "judged against).",
     "peer_check": "Our end-to-end latency against `vllm bench latency` on the same checkpoint.",
     "sources": "The source reports' published figures beside ours.",
+    "job_times": "One row per job that ran (Snakemake's benchmark files): wall seconds and peak "
+                 "RSS; engine jobs add engine start, vLLM's engine init and compile seconds, "
+                 "and the job's start and end from its result.",
     "tuning": "Tuned Punica (Triton) LoRA kernel configs: per kernel key, vLLM's default config "
               "against the fastest correct one found on this GPU (µs per call).",
 }

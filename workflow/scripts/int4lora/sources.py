@@ -14,6 +14,7 @@ import pandas as pd
 
 SOURCES = Path(__file__).resolve().parents[3] / "resources" / "source-reports.yaml"
 TOK_S = ("decode_tok_s_b1_base", "decode_tok_s_b1_lora")
+GATED = (*TOK_S, "lora_overhead_pct_b1")
 
 
 def load_sources(path: str | Path = SOURCES) -> list[dict]:
@@ -97,6 +98,8 @@ def source_rows(sources: list[dict], frames: dict, models: dict, engines: dict,
                                  isinstance(ours, float) and math.isnan(ours)) else ours,
                              "our_config": f"{model} / {engine} / {adapter}" if model
                              else "not in this run",
-                             "validated": gate or ("unvalidated" if ours is not None else None),
+                             # memory figures carry no verdict; speed figures always do
+                             "validated": gate or ("unvalidated" if ours is not None
+                                                   and fig["metric"] in GATED else None),
                              "bandwidth_normalised": scaled, "note": src.get("note")})
     return rows

@@ -174,13 +174,19 @@ def _rank(rows: list[dict]):
     return (rows[0].get("validated") == "PASS", rows[0]["decode_tok_s_median"])
 
 
-def _base_rows(g: pd.DataFrame, engine: str, setting: str) -> list[dict]:
+def _base_rows(g: pd.DataFrame, engine: str, setting: str, adapter: str) -> tuple[list, bool]:
+    """Base rows of the engine without LoRA, and False; where that engine did not run, the
+    base requests of the LoRA-enabled engine (paired with the adapter's), and True."""
     rows = _records(g, engine=engine, adapter="none", variant="base")
     same = [r for r in rows if r["setting"] == setting]
-    if same or not rows:
-        return same
-    first = rows[0]["setting"]  # the engine's baseline under another label (its defaults)
-    return [r for r in rows if r["setting"] == first]
+    if same:
+        return same, False
+    if rows:
+        first = rows[0]["setting"]  # the engine's baseline under another label (its defaults)
+        return [r for r in rows if r["setting"] == first], False
+    on_lora = [r for r in _records(g, engine=engine, adapter=adapter, variant="lora-base")
+               if r["setting"] == setting] if adapter != "none" else []
+    return on_lora, bool(on_lora)
 
 
 def _memory_numbers(memory: pd.DataFrame, model: str, engine: str, adapter: str) -> dict:
@@ -228,7 +234,7 @@ def _summary_row(g, overhead, memory, verdict, model, backend, adapter) -> dict 
         return None
     (engine, setting), rows = max(cands.items(), key=lambda kv: _rank(kv[1]))
     row = _rival(overhead, verdict, model, backend, adapter, engine, setting, rows)
-    base, ov = _base_rows(g, engine, setting), row.pop("_ov")
+    (base, base_on_lora_engine), ov = _base_rows(g, engine, setting, adapter), row.pop("_ov")
     small, large = rows[0]["batch"], rows[-1]["batch"]
     lora = rows if adapter != "none" else []
     rivals = [_rival(overhead, verdict, model, backend, adapter, e, s, r)
@@ -240,6 +246,7 @@ def _summary_row(g, overhead, memory, verdict, model, backend, adapter) -> dict 
             "lora_large": _bench_num(lora, large), "overhead_large": _ratio(_at(ov, large)),
             **_memory_numbers(memory, model, engine, adapter),
             "roofline": _bench_num(base, small, "roofline_fraction"),
+            "base_on_lora_engine": base_on_lora_engine,
             "alternatives": [f"{r['engine']} · {r['setting']}" if r["setting"] != r["engine"]
                              else r["engine"] for r in rivals],
             "rivals": rivals}

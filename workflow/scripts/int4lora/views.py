@@ -119,6 +119,30 @@ def noise_floor_table(df: pd.DataFrame) -> Table:
                              "confident_flips", "positions"])
 
 
+def job_time_lead(df: pd.DataFrame) -> str:
+    """One sentence: how long the run's jobs took, summed and from the first start to the last
+    end, and what engine start cost."""
+    total = df["job_s"].sum()
+    text = f"{len(df)} jobs took {total / 60:.1f} min of job time in all (Snakemake's benchmark " \
+           "files; jobs that hold the GPU run one at a time, so this is close to the wall time)"
+    if _has(df, "started") and _has(df, "finished"):
+        span = (pd.to_datetime(df["finished"]).max() - pd.to_datetime(df["started"]).min())
+        text += f"; the benchmark and validation jobs ran from the first one's start to the " \
+                f"last one's end in " \
+                f"{span.total_seconds() / 60:.1f} min"
+    if _has(df, "engine_start_s"):
+        starts = df["engine_start_s"].dropna()
+        text += f". Engine start (imports, engine process, weights, compile, CUDA graphs) took " \
+                f"{starts.min():.0f}–{starts.max():.0f} s per benchmark job"
+    return text + "."
+
+
+def job_time_table(df: pd.DataFrame) -> Table:
+    order = df.sort_values("started", na_position="first") if _has(df, "started") else df
+    return _plain_table(order, ["rule", "model", "engine", "adapter", "job_s", "engine_start_s",
+                                "engine_init_s", "compile_s", "max_rss_mib"])
+
+
 def peer_check_table(df: pd.DataFrame) -> Table:
     df = df.assign(harness_e2e_ms=df.get("harness_e2e_ms"))
     within = {"within": lambda v: "PASS" if str(v) == "True" else
