@@ -1,0 +1,113 @@
+"""config/gpu-lora-cost.yaml: the matrix it plans (dry run, no GPU) and the claims of its header:
+the two `only_models` halves cover the preset between them, each with the vLLM job count it names,
+and the W4A16 kernel sweep names every kernel of the schema or says why it is left out."""
+import re
+
+import yaml
+
+from conftest import ROOT, job_stats, planned_jobs, run_snakemake
+from int4lora.config import job_plan, load_schema
+
+PRESET = ROOT / "config" / "gpu-lora-cost.yaml"
+# jobs that start a vLLM engine or import vLLM's kernels (~100-190 s each on an H100)
+VLLM_RULES = ("bench_baseline", "bench_lora", "validate", "tune_lora_kernels", "peer_check",
+              "profile_memory")
+# kernels of the schema's w4a16_kernel enum that the header says are not swept, and why
+NOT_SWEPT = {"auto", "machete",  # the vllm engine's own (auto is Machete on an H100)
+             "allspark", "conch"}  # cannot load W4A16 on an H100 with the GPU bundle
+
+
+def _config():
+    return yaml.safe_load(PRESET.read_text())
+
+
+def _dry_run(tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = run_snakemake(tmp_path, "-n", *extra, configfile=PRESET, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert not (tmp_path / "results").exists()
+    return proc.stdout
+
+
+def _gpu_outputs(output: str) -> set[str]:
+    return {o for job in planned_jobs(output) if job["rule"] in VLLM_RULES for o in job["output"]}
+
+
+def _halves() -> list[tuple[list[str], int]]:
+    """(models, vLLM jobs) of each `only_models` command in the header."""
+    text = PRESET.read_text()
+    found = re.findall(r"only_models=\[([^\]]+)\]\n#\s+\d+ jobs, (\d+) of them vLLM", text)
+    return [(models.split(","), int(n)) for models, n in found]
+
+
+def test_lora_cost_preset_plans_every_engine(tmp_path):
+    out = _dry_run(tmp_path)
+    cfg = _config()
+    stats = job_stats(out)
+    assert stats == {"fetch_model": 4, "measure_bandwidth": 1, "make_adapter": 4, "quantize": 8,
+                     "tune_lora_kernels": 1, "bench_baseline": 5, "bench_lora": 7,
+                     "validate": 4, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
+    planned = {(j["rule"], j["wildcards"].get("model"), j["wildcards"].get("engine"))
+               for j in planned_jobs(out)}
+    for model, spec in cfg["models"].items():
+        for engine in spec["engines"]:
+            stages = cfg["engines"][engine]["stages"]
+            assert ("bench_baseline", model, engine) in planned or "baseline" not in stages
+            if spec["adapters"]:
+                assert ("bench_lora", model, engine) in planned or "bench" not in stages
+    # the settings the question compares share one model entry (the report's best-setting pick)
+    assert cfg["models"]["mistral-7b-shape"]["engines"] == [
+        "vllm", "vllm-lora-defaults", "vllm-tuned", "vllm-marlin"]
+    # every Machete-weights entry is the same cache entry
+    weights = {yaml.safe_dump({k: spec[k] for k in ("source", "model_type", "arch")})
+               for spec in cfg["models"].values() if spec["source"] == "synthetic-w4a16"}
+    assert len(weights) == 1
+
+
+def test_lora_cost_halves_cover_the_preset_and_match_the_header(tmp_path):
+    halves = _halves()
+    assert len(halves) == 2, "the header names two only_models halves"
+    models = [m for half, _ in halves for m in half]
+    assert sorted(models) == sorted(_config()["models"]) and len(set(models)) == len(models)
+    whole = _gpu_outputs(_dry_run(tmp_path / "whole"))
+    union = set()
+    for i, (half, n_vllm) in enumerate(halves):
+        out = _dry_run(tmp_path / f"half{i}", "--config", f"only_models=[{','.join(half)}]")
+        gpu = _gpu_outputs(out)
+        assert len(gpu) == n_vllm, (half, sorted(gpu))
+        assert n_vllm <= 9, "a half must fit one 30-minute device session (~22 min of jobs)"
+        union |= gpu
+    assert union == whole
+
+
+def test_lora_cost_kernel_sweep_names_every_schema_kernel():
+    cfg = _config()
+    enum = set(load_schema()["definitions"]["engine"]["properties"]["w4a16_kernel"]["enum"])
+    swept = {e.get("w4a16_kernel") for e in cfg["engines"].values()} - {None}
+    assert swept | NOT_SWEPT == enum, sorted(enum - swept - NOT_SWEPT)
+    header = PRESET.read_text().split("\npreset:")[0]
+    for kernel in ("allspark", "conch"):
+        assert kernel in header  # left out with the reason
+    # baseline only: the sweep compares the kernels, LoRA is the main entry's
+    for name, eng in cfg["engines"].items():
+        if eng.get("w4a16_kernel") not in (None, "marlin"):
+            assert eng["stages"] == ["baseline"], name
+
+
+def test_lora_cost_adapters_and_plans():
+    cfg = _config()
+    ads = cfg["adapters"]
+    assert list(ads)[0] == "r16-qv" and cfg["models"]["mistral-7b-shape"]["adapters"][0] == "r16-qv"
+    assert {a["rank"] for a in ads.values()} == {8, 16, 64}
+    for name, ad in ads.items():
+        assert ad["alpha"] == 2 * ad["rank"] and ad["target_modules"] == ["q_proj", "v_proj"]
+    assert len({ad["seed"] for ad in ads.values()}) == len(ads)
+    # r16-qv serves the 4-adapter batch; the rank sweep's single adapters record why they do not
+    plan = job_plan(cfg, "mistral-7b-shape", "vllm", "r16-qv")
+    assert plan["multi_adapter"] == [4] and plan["slots"] == 4
+    assert plan["batch_sizes"] == [1, 8, 32, 64]
+    ranks = job_plan(cfg, "mistral-7b-shape-ranks", "vllm-ranks", "r64-qv")
+    assert ranks["multi_adapter"] == [] and "copies=1" in ranks["multi_adapter_skipped"][0]["reason"]
+    # the rank sweep runs the vllm engine's settings
+    strip = lambda e: {k: v for k, v in e.items() if k != "stages"}  # noqa: E731
+    assert strip(cfg["engines"]["vllm-ranks"]) == strip(cfg["engines"]["vllm"])
