@@ -15,6 +15,7 @@ import aggregate  # noqa: E402
 import plots  # noqa: E402
 import report  # noqa: E402
 from int4lora import outputs, render, summary  # noqa: E402
+from int4lora import views as V  # noqa: E402
 
 H100 = ROOT / "docs" / "runs" / "2026-11-23-h100-gpu-synthetic" / "results" / "tables"
 GPU_CONFIG = yaml.safe_load((H100.parents[1] / "config.yaml").read_text())  # the run's preset
@@ -388,3 +389,24 @@ def test_job_time_section_only_where_the_run_has_job_times(new_run, tmp_path):
     section = plain.split("## Job time")[1].split("\n## ")[0]
     assert "1 jobs took 2.1 min of job time" in section
     assert "| bench_lora | m7 | vllm | r16 | 124 | 101 | 28 |" in section
+
+
+def test_lora_cost_by_setting_puts_each_setting_in_one_row(new_run, tmp_path):
+    tables, t = new_run
+    plain = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    plain = re.sub(r"\[([^\]]*\])\]\(#[^)]*\)", r"\1", plain)  # numbers without their links
+    section = plain.split("## LoRA cost by engine setting")[1].split("\n## ")[0]
+    header = next(x for x in section.splitlines() if x.startswith("| model"))
+    assert "| adapter TPOT ms b=1 | overhead b=1 [95% CI] | overhead b=16 [95% CI] |" in header
+    rows = [x for x in section.splitlines() if x.startswith("| m7 |")]
+    assert len(rows) == 4  # hf, and vLLM at three settings
+    tuned = next(x for x in rows if "q,v only + tuned" in x)
+    assert "| 5 | +8% [+5%, +12%] | +8% [+5%, +12%] | PASS |" in tuned
+    marlin = next(x for x in rows if "Marlin" in x)
+    assert "| +30% [+27%, +34%] |" in marlin and marlin.endswith("| unvalidated |")
+
+
+def test_lora_cost_by_setting_only_where_there_is_a_choice(tmp_path):
+    over = pd.DataFrame([{"model": "m", "engine": "e", "setting": "e", "adapter": "a",
+                          "variant": "lora-adapter", "batch": 1, "tpot_ratio_median": 1.1}])
+    assert V.lora_cost_table(over, pd.DataFrame()) is None

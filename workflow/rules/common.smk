@@ -30,15 +30,16 @@ if config.get("only_models"):
 ENGINES = config["engines"]
 ADAPTERS = config["adapters"]
 
-# JIT caches (vLLM's torch.compile cache, Triton, Inductor) live in cache_dir, shared by every
-# job of the run: a later engine of the same configuration starts without recompiling
-for _var, _sub in (("VLLM_CACHE_ROOT", "vllm"), ("TRITON_CACHE_DIR", "triton"),
-                   ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
-    os.environ.setdefault(_var, str(Path(config["cache_dir"]).expanduser().resolve() / "jit" / _sub))
-
 _errors = check_config(config, MODELS)
 if _errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(_errors))
+
+# JIT caches (vLLM's torch.compile cache, Triton, Inductor) live in cache_dir, shared by every
+# job of the run: a later engine of the same configuration starts without recompiling. Set after
+# the config check: torch creates its Inductor cache folder on import, before cache_dir is checked
+for _var, _sub in (("VLLM_CACHE_ROOT", "vllm"), ("TRITON_CACHE_DIR", "triton"),
+                   ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+    os.environ.setdefault(_var, str(Path(config["cache_dir"]).expanduser().resolve() / "jit" / _sub))
 
 
 def alternation(names):

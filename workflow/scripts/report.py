@@ -230,6 +230,12 @@ def detail_blocks(t: dict, description: str) -> list:
                                V.peer_check_table)):
         if not t[name].empty:
             blocks += [Block("h2", title, id=name.replace("_", "-")), view(t[name])]
+    cost = V.lora_cost_table(t["overhead"], t["bench"])
+    if cost is not None:
+        blocks += [Block("h2", "LoRA cost by engine setting", id="lora-cost"),
+                   Block("p", "The same adapter served under each engine setting this run "
+                              "measured: TPOT of adapter requests over base requests on the same "
+                              "engine, paired, per batch. Pick the fastest row that passed."), cost]
     blocks += [Block("h2", "Latency and throughput", id="latency"),
                Block("p", V.LATENCY_LEAD), V.latency_table(t["bench"]),
                Block("h2", "LoRA overhead (paired ratios against base requests on the same "

@@ -235,6 +235,47 @@ def overhead_table(overhead: pd.DataFrame) -> Table:
                  cls="data sortable")
 
 
+def lora_cost_table(overhead: pd.DataFrame, bench: pd.DataFrame) -> Table | None:
+    """What one adapter costs under each engine setting that served it: one row per (model,
+    adapter, setting), the adapter requests' TPOT at the smallest batch, the paired overhead
+    with its 95% CI at every measured batch, and the verdict. None where no model and adapter
+    ran under more than one setting (nothing to choose between)."""
+    if overhead.empty or "setting" not in overhead.columns:
+        return None
+    ov = overhead[overhead["variant"] == "lora-adapter"]
+    if ov.empty or ov.groupby(["model", "adapter"])["setting"].nunique().max() < 2:
+        return None
+    batches = sorted(int(b) for b in ov["batch"].unique())
+    lora = bench[bench["variant"] == "lora-adapter"] if "variant" in bench.columns else bench
+    rows = []
+    for (model, adapter, engine, setting), g in ov.groupby(
+            ["model", "adapter", "engine", "setting"], sort=True):
+        by_batch = {int(r["batch"]): r for r in g.to_dict("records")}
+        small = by_batch[min(by_batch)]
+        tpot = lora[(lora["model"] == model) & (lora["engine"] == engine)
+                    & (lora["adapter"] == adapter) & (lora["batch"] == small["batch"])]
+        tpot = tpot[tpot["setting"] == setting] if "setting" in tpot.columns else tpot
+        tpot_s = tpot["tpot_s_median"].iloc[0] if len(tpot) else None
+        cells = [R.short(model, 22), R.short(f"{engine} · {setting}" if setting != engine
+                                            else engine, 46), Cell(str(adapter)),
+                 R.num(R.plain(None if tpot_s is None else tpot_s * 1e3), tpot_s)]
+        for b in batches:
+            r = by_batch.get(b)
+            if r is None:
+                cells.append(Cell(R.DASH, cls="num notrun", title="not measured"))
+                continue
+            text = R.overhead(r.get("tpot_ratio_median"))
+            if not (missing(r.get("tpot_ratio_ci_low")) or missing(r.get("tpot_ratio_ci_high"))):
+                text += f" [{R.overhead(r['tpot_ratio_ci_low'])}, " \
+                        f"{R.overhead(r['tpot_ratio_ci_high'])}]"
+            cells.append(R.num(text, r.get("tpot_ratio_median"), overhead_anchor(r)))
+        cells.append(R.status_cell(small.get("validated")))
+        rows.append((anchor("lora-cost", model, engine, setting, adapter), cells))
+    headers = ["model", "engine · setting", "adapter", f"adapter TPOT ms b={min(batches)}",
+               *[f"overhead b={b} [95% CI]" for b in batches], "validated"]
+    return Table(headers, rows, id="lora-cost-table", cls="data sortable")
+
+
 def _class_shares(r: dict, shares: list[str]) -> Cell:
     """The kernel classes that hold time, largest first, in one cell (all on hover)."""
     held = sorted(((r.get(c) or 0.0, c.removeprefix("share_")) for c in shares
