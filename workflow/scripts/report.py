@@ -111,10 +111,7 @@ def _speed_cell(n: dict, formatter=R.tok_s, title: str | None = None) -> Cell:
 
 
 def _ci_text(o: dict) -> str:
-    if o.get("value") is None:
-        return R.DASH
-    ci = o.get("ci")
-    return R.overhead(o["value"]) + (f" [{R.overhead(ci[0])}, {R.overhead(ci[1])}]" if ci else "")
+    return R.overhead_ci(o.get("value"), *(o.get("ci") or (None, None)))
 
 
 def _batch_header(rows: list[dict], key: str) -> str:

@@ -58,6 +58,15 @@ def overhead(ratio) -> str:
     return DASH if missing(ratio) else f"{(ratio - 1) * 100:+.0f}%"
 
 
+def overhead_ci(ratio, low=None, high=None) -> str:
+    """An overhead with its CI: 1.08, 1.05, 1.12 -> "+8% [+5%, +12%]" (no bracket without both
+    bounds)."""
+    text = overhead(ratio)
+    if missing(ratio) or missing(low) or missing(high):
+        return text
+    return f"{text} [{overhead(low)}, {overhead(high)}]"
+
+
 # --------------------------------------------------------------------------- blocks
 
 @dataclass

@@ -138,7 +138,8 @@ def _at(rows: list[dict], batch) -> dict | None:
     return next((r for r in rows if r["batch"] == batch), None)
 
 
-def _records(df: pd.DataFrame, **match) -> list[dict]:
+def records(df: pd.DataFrame, **match) -> list[dict]:
+    """The rows of `df` whose columns equal `match`, by batch."""
     if df.empty:
         return []
     sel = pd.Series(True, index=df.index)
@@ -177,20 +178,20 @@ def _rank(rows: list[dict]):
 def _base_rows(g: pd.DataFrame, engine: str, setting: str, adapter: str) -> tuple[list, bool]:
     """Base rows of the engine without LoRA, and False; where that engine did not run, the
     base requests of the LoRA-enabled engine (paired with the adapter's), and True."""
-    rows = _records(g, engine=engine, adapter="none", variant="base")
+    rows = records(g, engine=engine, adapter="none", variant="base")
     same = [r for r in rows if r["setting"] == setting]
     if same:
         return same, False
     if rows:
         first = rows[0]["setting"]  # the engine's baseline under another label (its defaults)
         return [r for r in rows if r["setting"] == first], False
-    on_lora = [r for r in _records(g, engine=engine, adapter=adapter, variant="lora-base")
+    on_lora = [r for r in records(g, engine=engine, adapter=adapter, variant="lora-base")
                if r["setting"] == setting] if adapter != "none" else []
     return on_lora, bool(on_lora)
 
 
 def _memory_numbers(memory: pd.DataFrame, model: str, engine: str, adapter: str) -> dict:
-    rows = _records(memory, model=model, engine=engine, adapter=adapter) \
+    rows = records(memory, model=model, engine=engine, adapter=adapter) \
         if not memory.empty else []
     row = rows[0] if rows else None
     ref = anchor("memory", model, engine, adapter)
@@ -218,7 +219,7 @@ def _verdict_of(verdict: pd.DataFrame, model: str, engine: str, adapter: str) ->
 
 def _rival(overhead, verdict, model, backend, adapter, engine, setting, rows) -> dict:
     """A setting's headline numbers: LoRA decode speed and overhead at its smallest batch."""
-    ov = _records(overhead, model=model, engine=engine, setting=setting, adapter=adapter,
+    ov = records(overhead, model=model, engine=engine, setting=setting, adapter=adapter,
                   variant="lora-adapter") if adapter != "none" else []
     small = rows[0]["batch"]
     return {"model": model, "backend": backend, "engine": engine, "setting": setting,

@@ -6,7 +6,7 @@ import pandas as pd
 
 from . import render as R
 from .render import Cell, Table
-from .summary import anchor, bench_anchor, check_name, missing, overhead_anchor
+from .summary import anchor, bench_anchor, check_name, missing, overhead_anchor, records
 
 OPS = {">=": "≥", "<=": "≤", ">": ">", "<": "<", "==": "="}
 LATENCY_LEAD = (
@@ -246,16 +246,14 @@ def lora_cost_table(overhead: pd.DataFrame, bench: pd.DataFrame) -> Table | None
     if ov.empty or ov.groupby(["model", "adapter"])["setting"].nunique().max() < 2:
         return None
     batches = sorted(int(b) for b in ov["batch"].unique())
-    lora = bench[bench["variant"] == "lora-adapter"] if "variant" in bench.columns else bench
     rows = []
     for (model, adapter, engine, setting), g in ov.groupby(
             ["model", "adapter", "engine", "setting"], sort=True):
         by_batch = {int(r["batch"]): r for r in g.to_dict("records")}
         small = by_batch[min(by_batch)]
-        tpot = lora[(lora["model"] == model) & (lora["engine"] == engine)
-                    & (lora["adapter"] == adapter) & (lora["batch"] == small["batch"])]
-        tpot = tpot[tpot["setting"] == setting] if "setting" in tpot.columns else tpot
-        tpot_s = tpot["tpot_s_median"].iloc[0] if len(tpot) else None
+        tpot = records(bench, model=model, engine=engine, setting=setting, adapter=adapter,
+                       variant="lora-adapter", batch=small["batch"])
+        tpot_s = tpot[0]["tpot_s_median"] if tpot else None
         cells = [R.short(model, 22), R.short(f"{engine} · {setting}" if setting != engine
                                             else engine, 46), Cell(str(adapter)),
                  R.num(R.plain(None if tpot_s is None else tpot_s * 1e3), tpot_s)]
@@ -264,10 +262,8 @@ def lora_cost_table(overhead: pd.DataFrame, bench: pd.DataFrame) -> Table | None
             if r is None:
                 cells.append(Cell(R.DASH, cls="num notrun", title="not measured"))
                 continue
-            text = R.overhead(r.get("tpot_ratio_median"))
-            if not (missing(r.get("tpot_ratio_ci_low")) or missing(r.get("tpot_ratio_ci_high"))):
-                text += f" [{R.overhead(r['tpot_ratio_ci_low'])}, " \
-                        f"{R.overhead(r['tpot_ratio_ci_high'])}]"
+            text = R.overhead_ci(r.get("tpot_ratio_median"), r.get("tpot_ratio_ci_low"),
+                                 r.get("tpot_ratio_ci_high"))
             cells.append(R.num(text, r.get("tpot_ratio_median"), overhead_anchor(r)))
         cells.append(R.status_cell(small.get("validated")))
         rows.append((anchor("lora-cost", model, engine, setting, adapter), cells))
