@@ -1,6 +1,7 @@
 """config/gpu-lora-cost.yaml: the matrix it plans (dry run, no GPU) and the claims of its header:
-the two `only_models` halves cover the preset between them, each with the vLLM job count it names,
-and the W4A16 kernel sweep names every kernel of the schema or says why it is left out."""
+the priority phases of config/gpu-lora-cost.phases cover every engine job of the preset, each
+target a job the preset plans, and the W4A16 kernel sweep names every kernel of the schema or says
+why it is left out."""
 import re
 
 import yaml
@@ -9,6 +10,7 @@ from conftest import ROOT, job_stats, planned_jobs, run_snakemake
 from int4lora.config import job_plan, load_schema
 
 PRESET = ROOT / "config" / "gpu-lora-cost.yaml"
+PHASES = ROOT / "config" / "gpu-lora-cost.phases"
 # jobs that start a vLLM engine or import vLLM's kernels (~100-190 s each on an H100)
 VLLM_RULES = ("bench_baseline", "bench_lora", "validate", "tune_lora_kernels", "peer_check",
               "profile_memory")
@@ -33,20 +35,24 @@ def _gpu_outputs(output: str) -> set[str]:
     return {o for job in planned_jobs(output) if job["rule"] in VLLM_RULES for o in job["output"]}
 
 
-def _halves() -> list[tuple[list[str], int]]:
-    """(models, vLLM jobs) of each `only_models` command in the header."""
-    text = PRESET.read_text()
-    found = re.findall(r"only_models=\[([^\]]+)\]\n#\s+\d+ jobs, (\d+) of them vLLM", text)
-    return [(models.split(","), int(n)) for models, n in found]
+def _phases() -> list[list[str]]:
+    """The targets of each phase, in order (comment and blank lines skipped)."""
+    phases = []
+    for line in PHASES.read_text().splitlines():
+        targets = line.split("#", 1)[0].split()
+        if targets:
+            phases.append([f"results/gpu-lora-cost/{t}" for t in targets])
+    return phases
 
 
 def test_lora_cost_preset_plans_every_engine(tmp_path):
     out = _dry_run(tmp_path)
     cfg = _config()
     stats = job_stats(out)
-    assert stats == {"fetch_model": 4, "measure_bandwidth": 1, "make_adapter": 4, "quantize": 8,
-                     "tune_lora_kernels": 1, "bench_baseline": 5, "bench_lora": 7,
-                     "validate": 4, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
+    assert stats == {"fetch_model": 5, "measure_bandwidth": 1, "make_adapter": 5, "quantize": 9,
+                     "tune_lora_kernels": 1, "bench_baseline": 5, "bench_lora": 8,
+                     "validate": 6, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
+    assert sum(n for rule, n in stats.items() if rule in VLLM_RULES) == 20  # the header's count
     planned = {(j["rule"], j["wildcards"].get("model"), j["wildcards"].get("engine"))
                for j in planned_jobs(out)}
     for model, spec in cfg["models"].items():
@@ -58,26 +64,28 @@ def test_lora_cost_preset_plans_every_engine(tmp_path):
     # the settings the question compares share one model entry (the report's best-setting pick)
     assert cfg["models"]["mistral-7b-shape"]["engines"] == [
         "vllm", "vllm-lora-defaults", "vllm-tuned", "vllm-marlin"]
-    # every Machete-weights entry is the same cache entry
+    # every Machete-weights entry of the Mistral shape is the same cache entry
     weights = {yaml.safe_dump({k: spec[k] for k in ("source", "model_type", "arch")})
-               for spec in cfg["models"].values() if spec["source"] == "synthetic-w4a16"}
+               for spec in cfg["models"].values()
+               if spec["source"] == "synthetic-w4a16" and spec["model_type"] == "mistral"}
     assert len(weights) == 1
 
 
-def test_lora_cost_halves_cover_the_preset_and_match_the_header(tmp_path):
-    halves = _halves()
-    assert len(halves) == 2, "the header names two only_models halves"
-    models = [m for half, _ in halves for m in half]
-    assert sorted(models) == sorted(_config()["models"]) and len(set(models)) == len(models)
+def test_lora_cost_phases_cover_the_preset_in_priority_order(tmp_path):
+    phases = _phases()
     whole = _gpu_outputs(_dry_run(tmp_path / "whole"))
-    union = set()
-    for i, (half, n_vllm) in enumerate(halves):
-        out = _dry_run(tmp_path / f"half{i}", "--config", f"only_models=[{','.join(half)}]")
-        gpu = _gpu_outputs(out)
-        assert len(gpu) == n_vllm, (half, sorted(gpu))
-        assert n_vllm <= 9, "a half must fit one 30-minute device session (~22 min of jobs)"
-        union |= gpu
-    assert union == whole
+    targets = [t for phase in phases for t in phase]
+    assert len(set(targets)) == len(targets), "a target named twice"
+    covered = set()
+    for i, phase in enumerate(phases):
+        gpu = _gpu_outputs(_dry_run(tmp_path / f"phase{i}", *phase))
+        assert set(phase) <= gpu, set(phase) - gpu  # every target is an engine job of the preset
+        covered |= gpu
+    assert covered == whole, sorted(whole - covered)
+    # what the issue asks first comes first: the restricted row, Marlin, the expert check
+    assert phases[0][0].endswith("bench/mistral-7b-shape/vllm/r16-qv.json")
+    assert any("vllm-marlin" in t for t in phases[1])
+    assert phases[2] == ["results/gpu-lora-cost/validate/mixtral-8x7b-shape/vllm-moe/r16-experts.json"]
 
 
 def test_lora_cost_kernel_sweep_names_every_schema_kernel():
@@ -98,9 +106,12 @@ def test_lora_cost_adapters_and_plans():
     cfg = _config()
     ads = cfg["adapters"]
     assert list(ads)[0] == "r16-qv" and cfg["models"]["mistral-7b-shape"]["adapters"][0] == "r16-qv"
-    assert {a["rank"] for a in ads.values()} == {8, 16, 64}
-    for name, ad in ads.items():
+    qv = {name: ad for name, ad in ads.items() if name != "r16-experts"}
+    assert {a["rank"] for a in qv.values()} == {8, 16, 64}
+    for name, ad in qv.items():
         assert ad["alpha"] == 2 * ad["rank"] and ad["target_modules"] == ["q_proj", "v_proj"]
+    # the expert adapter stands clear of the MoE noise floor (B std 0.02 stood 4.4x, under 10x)
+    assert ads["r16-experts"]["b_std"] >= 0.06 and ads["r16-experts"]["moe_only"]
     assert len({ad["seed"] for ad in ads.values()}) == len(ads)
     # r16-qv serves the 4-adapter batch; the rank sweep's single adapters record why they do not
     plan = job_plan(cfg, "mistral-7b-shape", "vllm", "r16-qv")

@@ -36,7 +36,8 @@ if [ -n "${OUT:-}" ]; then
     2>/dev/null
   ls -la "$OUT"
 fi
-for f in $(ls -t $(find "logs/$preset" -name '*.log' 2>/dev/null) 2>/dev/null | head -3); do
+logs=$(find "logs/$preset" -name '*.log' 2>/dev/null)
+for f in $( [ -n "$logs" ] && ls -t $logs | head -3); do
   echo "== $f"; grep -v "it/s\]" "$f" | tail -15
 done
 exit $rc
