@@ -13,7 +13,6 @@ Timing: the op is called once per weight copy inside one CUDA graph (decode runs
 graphs, so launch overhead is not the kernel's), and the copies together exceed twice the L2
 cache, so that LoRA weights come from HBM as they do between a decode step's base GEMMs.
 """
-from __future__ import annotations
 
 import argparse
 import json
