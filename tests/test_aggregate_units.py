@@ -106,6 +106,25 @@ def test_bench_memory_row_carries_the_engines_own_figures_for_the_source_table()
     assert sources.our_figure("weights_gib", frames, "q", "v", "r16")[0] == pytest.approx(18.27)
 
 
+def test_in_flight_bnb_weights_come_from_the_engine_not_zero():
+    """vLLM's in-flight bitsandbytes has no 4-bit checkpoint to read (weight_storage None): its
+    weights are the engine's loaded figure less the LoRA slot buffers (H100 run of 2026-11-25
+    reported 0.00 GiB here), and unknown, not 0, where the engine gave none."""
+    arch = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "hidden_size": 64}
+    res = {"model": "m", "engine": "vllm-bnb", "adapter": "r16",
+           "metrics": {"runs": [{"batch": 1, "prompt_tokens": 128, "output_tokens": 16,
+                                 "status": "ok"}],
+                       "memory": {"engine_model_weights_gib": 4.22, "engine_kv_cache_gib": 66.0},
+                       "weight_storage": None, "adapter_bytes": 10,
+                       "lora": {"buffer_bytes": 72 * 2**20}, "architecture": arch}}
+    (row,) = aggregate.bench_memory_rows(res)
+    assert row["weight_bytes"] == int(4.22 * 2**30) - 72 * 2**20
+    res["metrics"]["memory"] = {}
+    (row,) = aggregate.bench_memory_rows(res)
+    assert row["weight_bytes"] is None
+
+
 def _tsv(path, *seconds):
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["s\th:m:s\tmax_rss\tmax_vms"] + [f"{s}\t0:00:00\t100.5\t200" for s in seconds]

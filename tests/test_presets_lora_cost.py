@@ -49,10 +49,13 @@ def test_lora_cost_preset_plans_every_engine(tmp_path):
     out = _dry_run(tmp_path)
     cfg = _config()
     stats = job_stats(out)
-    assert stats == {"fetch_model": 5, "measure_bandwidth": 1, "make_adapter": 5, "quantize": 9,
-                     "tune_lora_kernels": 1, "bench_baseline": 5, "bench_lora": 8,
-                     "validate": 6, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
-    assert sum(n for rule, n in stats.items() if rule in VLLM_RULES) == 20  # the header's count
+    assert stats == {"fetch_model": 5, "measure_bandwidth": 1, "make_adapter": 5, "quantize": 10,
+                     "tune_lora_kernels": 2, "bench_baseline": 5, "bench_lora": 9,
+                     "validate": 8, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
+    header = PRESET.read_text().split("\npreset:")[0]
+    n_jobs, n_vllm = map(int, re.search(r"Cost: (\d+) jobs; (\d+) of them", header).groups())
+    assert n_jobs == sum(stats.values())  # as the dry run counts them
+    assert n_vllm == sum(n for rule, n in stats.items() if rule in VLLM_RULES)
     planned = {(j["rule"], j["wildcards"].get("model"), j["wildcards"].get("engine"))
                for j in planned_jobs(out)}
     for model, spec in cfg["models"].items():
@@ -63,7 +66,7 @@ def test_lora_cost_preset_plans_every_engine(tmp_path):
                 assert ("bench_lora", model, engine) in planned or "bench" not in stages
     # the settings the question compares share one model entry (the report's best-setting pick)
     assert cfg["models"]["mistral-7b-shape"]["engines"] == [
-        "vllm", "vllm-lora-defaults", "vllm-tuned", "vllm-marlin"]
+        "vllm", "vllm-lora-defaults", "vllm-tuned", "vllm-marlin", "vllm-tuned-marlin"]
     # every Machete-weights entry of the Mistral shape is the same cache entry
     weights = {yaml.safe_dump({k: spec[k] for k in ("source", "model_type", "arch")})
                for spec in cfg["models"].values()
@@ -110,8 +113,9 @@ def test_lora_cost_adapters_and_plans():
     assert {a["rank"] for a in qv.values()} == {8, 16, 64}
     for name, ad in qv.items():
         assert ad["alpha"] == 2 * ad["rank"] and ad["target_modules"] == ["q_proj", "v_proj"]
-    # the expert adapter stands clear of the MoE noise floor (B std 0.02 stood 4.4x, under 10x)
-    assert ads["r16-experts"]["b_std"] >= 0.06 and ads["r16-experts"]["moe_only"]
+    # the expert adapter stands clear of the MoE noise floor (B std 0.02 stood 4.4x, 0.06 9.5x,
+    # under the 10x the verdict asks)
+    assert ads["r16-experts"]["b_std"] >= 0.12 and ads["r16-experts"]["moe_only"]
     assert len({ad["seed"] for ad in ads.values()}) == len(ads)
     # r16-qv serves the 4-adapter batch; the rank sweep's single adapters record why they do not
     plan = job_plan(cfg, "mistral-7b-shape", "vllm", "r16-qv")

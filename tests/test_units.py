@@ -817,6 +817,9 @@ def test_drop_stale_cache_results(tmp_path):
         "results/bench/m/e/baseline.json": {"status": "error", "reason":
                                             "OSError: /tmp/int4-lora-bench-cache/models/x"},
         "results/bench/m/e/r16.json": {"status": "ok", "metrics": {}},
+        # the tuned Punica configs vLLM reads live in the cache too
+        "results/tuning/m/e/r16.json": {"status": "ok", "metrics": {
+            "config_folder": str(tmp_path / "cache" / "lora-configs" / "gone")}},
     }
     for rel, body in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

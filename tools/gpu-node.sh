@@ -17,12 +17,8 @@ export PYTHONUNBUFFERED=1
 export VLLM_USE_FLASHINFER_SAMPLER=0
 # a script that touched CUDA before vllm.LLM() must not fork the engine core
 export VLLM_WORKER_MULTIPROC_METHOD=spawn
-# results of an earlier lease travel as a tarball (mtimes kept, so nothing reruns)
-if [ -f .gpu-results/results.tar.gz ] && [ ! -d "results/$preset" ]; then
-  tar xzf .gpu-results/results.tar.gz
-  # their weights were in that machine's cache: rebuild what points into a missing cache
-  python3 tools/drop-stale-cache-results.py "results/$preset"
-fi
+# results of an earlier lease travel as a tarball
+bash tools/restore-results.sh "$preset"
 # a run interrupted by the budget leaves Snakemake's lock behind
 python3 -m snakemake --unlock --configfile "config/$preset.yaml" >/dev/null 2>&1 || true
 # every core: timed jobs take them all (nothing runs beside them); one GPU job at a time

@@ -100,6 +100,16 @@ def memory_columns(weights, adapter_lora, kv_needed, kv_pool, baseline) -> dict:
             MEMORY_COLUMNS["process_baseline"]: baseline}
 
 
+def _engine_weight_bytes(mem: dict, lora_buffers: int | None) -> int | None:
+    """Weights as the engine loaded them, where no checkpoint holds their stored form (vLLM's
+    in-flight bitsandbytes quantizes at load): vLLM's "Model loading took" figure, which counts
+    the LoRA slot buffers too; None where the engine gave none."""
+    loaded = mem.get("engine_model_weights_gib")
+    if loaded is None:
+        return None
+    return int(loaded * 2**30) - int(lora_buffers or 0)
+
+
 def bench_memory_rows(res: dict) -> list[dict]:
     """Memory measured over a whole batch sweep (peaks after the largest batch): the memory
     table's rows where no profile_memory job ran for that configuration."""
@@ -110,12 +120,12 @@ def bench_memory_rows(res: dict) -> list[dict]:
         return []
     batch = max(r["batch"] for r in runs)
     context = max(r["prompt_tokens"] + r["output_tokens"] for r in runs) // batch
-    weights = storage["total_bytes"] if storage else 0
     adapter = m.get("adapter_bytes", 0) if res["adapter"] != "none" else 0
     kv = kv_cache_bytes(m["architecture"], batch, context, m.get("kv_bytes_per_element", 2))
     peak = mem.get("torch_peak_allocated_bytes") if "torch_peak_allocated_bytes" in mem \
         else mem.get("nvml_device_used_bytes") or mem.get("peak_rss_bytes")
     lora_buffers = (m.get("lora") or {}).get("buffer_bytes")
+    weights = storage["total_bytes"] if storage else _engine_weight_bytes(mem, lora_buffers)
     pool = int(mem["engine_kv_cache_gib"] * 2**30) \
         if mem.get("engine_kv_cache_gib") is not None else None
     row = {"model": res["model"], "engine": res["engine"], "adapter": res["adapter"],

@@ -1,0 +1,81 @@
+"""tools/gpu-phases.sh, the driver of a GPU session, run with a stand-in `python3` on PATH that
+records each command instead of running Snakemake (the tools' own logic: which targets each phase
+asks for, what a budget that runs out skips, what a restored earlier lease has already done)."""
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def _tree(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    for name in ("gpu-phases.sh", "gpu-node.sh", "restore-results.sh"):
+        shutil.copy(ROOT / "tools" / name, repo / "tools" / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "python3"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "calls"}\n')
+    shim.chmod(0o755)
+    (repo / "phases").write_text(
+        "# a comment line\n"
+        "bench/m/e/r16.json validate/m/e/r16.json  # first\n"
+        "\n"
+        "bench/m/e/baseline.json\n")
+    return repo, bin_dir
+
+
+def _run(repo, bin_dir, budget):
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BUDGET_S": str(budget)}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", "tools/gpu-phases.sh", "p", "phases"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _snakemake_targets(tmp_path) -> list[list[str]]:
+    calls = (tmp_path / "calls").read_text().splitlines()
+    runs = [c for c in calls if c.startswith("-m snakemake --cores")]
+    return [[a for a in c.split() if a.startswith("results/")] for c in runs]
+
+
+def test_phases_run_in_order_with_targets_under_the_presets_results(tmp_path):
+    repo, bin_dir = _tree(tmp_path)
+    proc = _run(repo, bin_dir, 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _snakemake_targets(tmp_path) == [
+        ["results/p/bench/m/e/r16.json", "results/p/validate/m/e/r16.json"],
+        ["results/p/bench/m/e/baseline.json"]]
+
+
+def test_a_budget_that_ran_out_names_the_phases_it_skipped(tmp_path):
+    repo, bin_dir = _tree(tmp_path)
+    proc = _run(repo, bin_dir, 30)
+    assert proc.returncode == 124
+    assert not (tmp_path / "calls").exists() or _snakemake_targets(tmp_path) == []
+    assert proc.stdout.count("not started") == 2 and "bench/m/e/baseline.json" in proc.stdout
+
+
+def test_targets_an_earlier_lease_finished_are_not_asked_for_again(tmp_path):
+    """Restored results whose weights are rebuilt here would rerun if asked for (mtime)."""
+    repo, bin_dir = _tree(tmp_path)
+    done = repo / "staging" / "results" / "p" / "bench" / "m" / "e" / "r16.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    (repo / ".gpu-results").mkdir()
+    with tarfile.open(repo / ".gpu-results" / "results.tar.gz", "w:gz") as tar:
+        tar.add(repo / "staging" / "results", arcname="results")
+    proc = _run(repo, bin_dir, 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "results" / "p" / "bench" / "m" / "e" / "r16.json").is_file()  # restored
+    assert _snakemake_targets(tmp_path) == [["results/p/validate/m/e/r16.json"],
+                                            ["results/p/bench/m/e/baseline.json"]]
+    # the restore ran before the first phase, and dropped stale cache results
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("tools/drop-stale-cache-results.py results/p")
