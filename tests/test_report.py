@@ -410,3 +410,23 @@ def test_lora_cost_by_setting_only_where_there_is_a_choice(tmp_path):
     over = pd.DataFrame([{"model": "m", "engine": "e", "setting": "e", "adapter": "a",
                           "variant": "lora-adapter", "batch": 1, "tpot_ratio_median": 1.1}])
     assert V.lora_cost_table(over, pd.DataFrame()) is None
+
+
+def test_tuning_section_shows_the_gain_only_where_kernels_were_tuned(new_run, tmp_path):
+    tables, _ = new_run
+    plain = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    assert "## Punica kernels tuned on this GPU" not in plain
+    keys = [("shrink[5/3/1/4096/16]", "decode", "tuned", 5.87, 4.57),
+            ("expand_true[5/3/1/16/4096]", "decode", "tuned", 8.14, 4.28),
+            ("shrink[5/3/128/4096/16]", "prefill", "tuned", 12.8, 5.9),  # not a decode size
+            ("shrink[5/3/8192/4096/16]", "prefill", "skipped_budget", None, None)]
+    pd.DataFrame([{"model": "m7", "engine": "vllm-tuned", "adapter": "r16", "label": lab,
+                   "phase": ph, "status": st, "default_us": d, "tuned_us": tu,
+                   "speedup": d / tu if d else None, "candidates": 9}
+                  for lab, ph, st, d, tu in keys]).to_csv(tables / "tuning.csv", index=False)
+    plain = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    section = plain.split("## Punica kernels tuned on this GPU")[1].split("\n## ")[0]
+    assert "m7 · vllm-tuned: 3 of 4 keys tuned; at decode sizes the tuned configs run " \
+           "1.28–1.90× faster than vLLM's defaults." in section
+    assert "| m7 | vllm-tuned | expand_true[5/3/1/16/4096] | decode | tuned | 8.14 | 4.28 |" \
+        in section

@@ -287,3 +287,27 @@ def test_main_with_only_fused_moe_modules_is_unsupported(monkeypatch, tmp_path):
     res = tlk.main({**MISTRAL, "num_local_experts": 8}, ["experts"], 16, 1, [1],
                    str(tmp_path / "cfg"), str(tmp_path / "t.json"))
     assert res["status"] == "unsupported" and "fused MoE" in res["reason"]
+
+
+def test_the_rules_entry_names_the_jobs_engine_and_adapter(tmp_path):
+    """The result is results/tuning/<model>/<engine>/<adapter>.json and says so inside: the
+    report sets the tuning gain beside that engine's LoRA cost (the H100 run of 2026-11-25 wrote
+    engine "vllm" and no adapter for the vllm-tuned job)."""
+    import yaml
+    import tune_lora_kernels as tlk
+    from conftest import ROOT
+    from int4lora.config import job_plan
+    from int4lora.resultio import new_result, write_result
+    cfg = yaml.safe_load((ROOT / "config" / "gpu-lora-cost.yaml").read_text())
+    plan = job_plan(cfg, "mistral-7b-shape", "vllm-tuned", "r16-qv")
+    fetch = new_result("fetch", "mistral-7b-shape")
+    fetch["metrics"] = {"architecture": {**MISTRAL, "model_type": "mistral"}}
+    write_result(str(tmp_path / "fetch.json"), fetch)
+    res = tlk.tune_for_job("mistral-7b-shape", plan, str(tmp_path / "fetch.json"),
+                           str(tmp_path / "cache"), str(tmp_path / "tuning.json"),
+                           cfg["benchmark"], "cpu")
+    assert res["status"] == "unsupported"  # no CUDA here
+    saved = json.loads((tmp_path / "tuning.json").read_text())
+    assert (saved["model"], saved["engine"], saved["adapter"]) == (
+        "mistral-7b-shape", "vllm-tuned", "r16-qv")
+    assert saved["params"]["wrapped_modules"] == ["qkv_proj"]

@@ -350,6 +350,10 @@ def collect(inputs: list[str], missing: list[str]) -> dict[str, list]:
     tables["_results"] = {}
     for path in sorted(inputs):
         res = read_result(path)
+        if res["kind"] == "tuning":
+            # the job's engine and adapter are its path's (tuning/<model>/<engine>/<adapter>);
+            # results written before tune_lora_kernels named them say engine "vllm", no adapter
+            res["engine"], res["adapter"] = Path(path).with_suffix("").parts[-2:]
         tables["_results"][(res["kind"], res["model"], res["engine"], res["adapter"])] = res
         tables["status"].append({"kind": res["kind"], "model": res["model"],
                                  "engine": res["engine"], "adapter": res["adapter"],

@@ -175,7 +175,7 @@ def load(tables: Path, sources: list[dict], models: dict, engines: dict) -> dict
     the summary rows and the source comparison."""
     t = {name: _read(tables, name) for name in
          ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
-          "status", "noise_floor", "peer_check", "sources", "job_times")}
+          "status", "noise_floor", "peer_check", "sources", "tuning", "job_times")}
     t["verdict"] = S.verdicts(t["validation"])
     t["bench"] = S.with_setting(S.with_decode_speed(S.mark_rows(t["bench"], t["verdict"])),
                                 engines)
@@ -233,6 +233,10 @@ def detail_blocks(t: dict, description: str) -> list:
                    Block("p", "The same adapter served under each engine setting this run "
                               "measured: TPOT of adapter requests over base requests on the same "
                               "engine, paired, per batch. Pick the fastest row that passed."), cost]
+    if not t["tuning"].empty:
+        blocks += [Block("h2", "Punica kernels tuned on this GPU", id="tuning"),
+                   Block("p", V.TUNING_LEAD + " " + V.tuning_lead(t["tuning"])),
+                   V.tuning_table(t["tuning"])]
     blocks += [Block("h2", "Latency and throughput", id="latency"),
                Block("p", V.LATENCY_LEAD), V.latency_table(t["bench"]),
                Block("h2", "LoRA overhead (paired ratios against base requests on the same "

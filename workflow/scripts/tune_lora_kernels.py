@@ -334,9 +334,11 @@ def main(arch: dict, wrapped_modules: list[str], max_rank: int, max_loras: int,
          device: str = "cuda", config: dict | None = None, *,
          prefill_tokens: list[int] | None = None, add_inputs: tuple = (True,),
          dtype: str = "bfloat16", specialize_active_lora: bool = False,
-         max_capture: int = lt.DEFAULT_MAX_CAPTURE, model: str | None = None) -> dict:
+         max_capture: int = lt.DEFAULT_MAX_CAPTURE, model: str | None = None,
+         engine: str = "vllm", adapter: str | None = None) -> dict:
     """Tune vLLM's LoRA shrink/expand configs for one model shape; write vLLM's JSON files
-    into out_dir and a result JSON (kind "tuning") to output."""
+    into out_dir and a result JSON (kind "tuning") to output, named for the job's model,
+    engine and adapter (the report sets the gain beside that engine's LoRA cost)."""
     started = time.time()
     workloads = lt.enumerate_workloads(arch, wrapped_modules, max_rank, max_loras, batch_sizes,
                                        prefill_tokens, add_inputs, max_capture)
@@ -352,7 +354,7 @@ def main(arch: dict, wrapped_modules: list[str], max_rank: int, max_loras: int,
               "time_budget_s": time_budget_s, "device": device, "out_dir": str(out_dir),
               "architecture": arch, "keys": [w.key.label() for w in workloads],
               "not_tuned_modules": [m for m in wrapped_modules if m in lt.FUSED_MOE_MODULES]}
-    result = new_result("tuning", model, engine="vllm", params=params)
+    result = new_result("tuning", model, engine=engine, adapter=adapter, params=params)
     with recorded_failures(result):
         reason = cuda_missing_reason(device)
         if reason:
@@ -434,7 +436,8 @@ def tune_for_job(model: str, plan: dict, model_json: str, cache_dir: str, output
     out_dir = Path(cache_dir) / "lora-configs" / \
         f"{model}-{cache_key(arch, modules, rank, slots, batches, prefill)}"
     return main(arch, modules, rank, slots, batches, str(out_dir), output, time_budget_s,
-                device, config, prefill_tokens=prefill, model=model)
+                device, config, prefill_tokens=prefill, model=model, engine=plan["engine"],
+                adapter=adapter["name"])
 
 
 if __name__ == "__main__" and "snakemake" in globals():

@@ -119,6 +119,33 @@ def noise_floor_table(df: pd.DataFrame) -> Table:
                              "confident_flips", "positions"])
 
 
+TUNING_LEAD = ("vLLM's Triton LoRA kernels (shrink: x·A, expand: ·B added to the output) per "
+               "key vLLM looks up (max_loras / slices / tokens m / k / n): its default config "
+               "against the fastest candidate whose output matched the default's, µs per call "
+               "in CUDA-graph replays with the LoRA weights coming from HBM. Keys the time "
+               "budget did not reach keep vLLM's default.")
+
+
+def tuning_lead(df: pd.DataFrame) -> str:
+    """One sentence per tuned engine: the decode keys' speed-up range (what batch decode runs)."""
+    parts = []
+    for (model, engine), g in df.groupby(["model", "engine"], sort=True):
+        tuned = g[(g["status"] == "tuned") & g["speedup"].notna()]
+        decode = tuned[tuned["phase"] == "decode"] if "phase" in tuned else tuned
+        if decode.empty:
+            parts.append(f"{model} · {engine}: no key tuned ({len(g)} keys)")
+            continue
+        parts.append(f"{model} · {engine}: {len(tuned)} of {len(g)} keys tuned; at decode "
+                     f"sizes the tuned configs run {decode['speedup'].min():.2f}–"
+                     f"{decode['speedup'].max():.2f}× faster than vLLM's defaults")
+    return "; ".join(parts) + "."
+
+
+def tuning_table(df: pd.DataFrame) -> Table:
+    return _plain_table(df, ["model", "engine", "label", "phase", "status", "default_us",
+                             "tuned_us", "speedup", "candidates"])
+
+
 def job_time_lead(df: pd.DataFrame) -> str:
     """One sentence: how long the run's jobs took, summed and from the first start to the last
     end, and what engine start cost."""
