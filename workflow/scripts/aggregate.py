@@ -137,7 +137,7 @@ def bench_memory_rows(res: dict) -> list[dict]:
                 "engine_model_load_s", "nvml_device_used_bytes", "torch_peak_reserved_bytes"):
         if mem.get(key) is not None:
             row[key] = mem[key]
-    for part, value in _memory_parts(mem, peak, weights, adapter, kv).items():
+    for part, value in _memory_parts(mem, peak, weights or 0, adapter, kv).items():
         row[f"part_{part}"] = value
     for dtype, value in ((storage or {}).get("bytes_by_dtype") or {}).items():
         row[f"dtype_{dtype}"] = value
