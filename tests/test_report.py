@@ -430,3 +430,22 @@ def test_tuning_section_shows_the_gain_only_where_kernels_were_tuned(new_run, tm
            "1.28–1.90× faster than vLLM's defaults." in section
     assert "| m7 | vllm-tuned | expand_true[5/3/1/16/4096] | decode | tuned | 8.14 | 4.28 |" \
         in section
+
+
+def test_source_figures_of_systems_not_in_the_run_fold_into_one_sentence():
+    """gpu-lora-cost has no configuration of the source reports' systems: 14 rows of dashes
+    filled its first screen (H100 run of 2026-11-25)."""
+    from int4lora.sources import NOT_IN_RUN
+    rows = [{"source": "vLLM report", "system": "Qwen2 32B", "metric": m, "source_value": v,
+             "our_value": None, "our_config": NOT_IN_RUN, "validated": None}
+            for m, v in (("decode_tok_s_b1_lora", 52.26), ("weights_gib", 18.29))]
+    rows.append({"source": "bnb report", "system": "Mistral-7B", "metric": "lora_overhead",
+                 "source_value": 28.57, "our_value": 30.6, "our_config": "m7 / hf / r16",
+                 "validated": "PASS"})
+    blocks = report.sources_blocks(pd.DataFrame(rows))
+    md = ANCHOR.sub("", render.to_markdown(blocks))
+    assert "| bnb report | Mistral-7B | lora_overhead | 28.57 | 30.6 |" in md
+    assert "Qwen2 32B |" not in md  # no table row of dashes
+    assert "Not in this run (2 figures): vLLM report (Qwen2 32B)." in md
+    only_absent = render.to_markdown(report.sources_blocks(pd.DataFrame(rows[:2])))
+    assert "| source report |" not in only_absent and "Not in this run" in only_absent

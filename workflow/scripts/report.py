@@ -15,6 +15,7 @@ from int4lora import summary as S
 from int4lora.outputs import FIGURE_CAPTIONS, FIGURES, STORY_FIGURES
 from int4lora.render import Block, Cell, Table
 from int4lora.resultio import write_text_atomic
+from int4lora.sources import NOT_IN_RUN
 from int4lora import views as V
 
 
@@ -152,9 +153,23 @@ def summary_table(rows: list[dict]) -> Table:
     return Table(headers, out, id="summary-table", cls="data summary", header_titles=titles)
 
 
+def sources_blocks(sources: pd.DataFrame) -> list:
+    """The source figures this run has a configuration for, in a table; the others in one
+    sentence (a run of other shapes should not fill the first screen with dashes)."""
+    absent = sources["our_config"] == NOT_IN_RUN
+    blocks = [Block("h3", "Source reports beside ours", id="sources")]
+    if not absent.all():
+        blocks.append(sources_table(sources[~absent]))
+    if absent.any():
+        systems = sources[absent].drop_duplicates(["source", "system"])
+        listed = "; ".join(f"{r['source']} ({r['system']})" for r in systems.to_dict("records"))
+        blocks.append(Block("p", f"Not in this run ({int(absent.sum())} figures): {listed}."))
+    return blocks
+
+
 def sources_table(sources: pd.DataFrame) -> Table:
     rows = []
-    for i, r in enumerate(sources.to_dict("records")):
+    for i, r in zip(sources.index, sources.to_dict("records")):
         cells = [R.short(r.get("source"), 36), R.short(r.get("system"), 28),
                  R.short(r.get("metric"), 34), R.short(r.get("source_value"), 40),
                  Cell(R.plain(r.get("our_value")), href=r.get("ref") if not S.missing(
@@ -208,8 +223,7 @@ def summary_blocks(t: dict, preset: str, models: dict) -> list:
                            "adapter's): no engine without LoRA ran for that setting."
                            if any(r.get("base_on_lora_engine") for r in t["summary"]) else ""))]
     if not t["sources"].empty:
-        blocks += [Block("h3", "Source reports beside ours", id="sources"),
-                   sources_table(t["sources"])]
+        blocks += sources_blocks(t["sources"])
     return blocks
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 SOURCES = Path(__file__).resolve().parents[3] / "resources" / "source-reports.yaml"
 TOK_S = ("decode_tok_s_b1_base", "decode_tok_s_b1_lora")
 GATED = (*TOK_S, "lora_overhead_pct_b1")
+NOT_IN_RUN = "not in this run"  # our_config of a source figure no configuration of the run matches
 
 
 def load_sources(path: str | Path = SOURCES) -> list[dict]:
@@ -97,7 +98,7 @@ def source_rows(sources: list[dict], frames: dict, models: dict, engines: dict,
                              "our_value": None if ours is None or (
                                  isinstance(ours, float) and math.isnan(ours)) else ours,
                              "our_config": f"{model} / {engine} / {adapter}" if model
-                             else "not in this run",
+                             else NOT_IN_RUN,
                              # memory figures carry no verdict; speed figures always do
                              "validated": gate or ("unvalidated" if ours is not None
                                                    and fig["metric"] in GATED else None),

@@ -11,6 +11,8 @@ import re
 
 import pandas as pd
 
+from int4lora.sources import NOT_IN_RUN
+
 from .outputs import MEMORY_COLUMNS
 
 # checks that concern the base model alone (older tables have no `scope` column)
@@ -353,7 +355,7 @@ def compare_sources(overhead: pd.DataFrame, sources: list[dict], models: dict,
         base = {"source": src["source"], "system": f"{src['shape']} · {src['engine']}",
                 "metric": "LoRA decode overhead, batch 1", "source_value": src["figure"]}
         if hit.empty:
-            rows.append({**base, "our_value": None, "our_config": "not in this run",
+            rows.append({**base, "our_value": None, "our_config": NOT_IN_RUN,
                          "validated": None, "ref": None})
         for r in hit.to_dict("records"):
             rows.append({**base, "our_value": f"{(r['tpot_ratio_median'] - 1) * 100:+.1f}%",
