@@ -449,3 +449,26 @@ def test_source_figures_of_systems_not_in_the_run_fold_into_one_sentence():
     assert "Not in this run (2 figures): vLLM report (Qwen2 32B)." in md
     only_absent = render.to_markdown(report.sources_blocks(pd.DataFrame(rows[:2])))
     assert "| source report |" not in only_absent and "Not in this run" in only_absent
+
+
+def test_summary_names_a_check_without_speed_rows_and_says_unvalidated_not_failed(tmp_path):
+    """gpu-lora-cost cut short: the Mixtral expert check ran without a benchmark (it was not
+    in the summary at all), and settings never validated read as 'failed their checks'."""
+    rows = [_bench_row("vllm", "q,v", "r64", variant, 1, tpot, "unvalidated")
+            for variant, tpot in (("lora-base", 0.0037), ("lora-adapter", 0.0045))]
+    checks = [{"model": "mx", "engine": "vllm-moe", "adapter": "experts", "scope": "adapter",
+               "check": "adapter: effect / engine noise", "verdict": "FAIL"},
+              {"model": "mx", "engine": "vllm-moe", "adapter": "experts", "scope": "base",
+               "check": "coverage", "verdict": "PASS"}]
+    frames = {"bench": rows, "overhead": [], "validation": checks, "memory": [], "status": [],
+              "quality": [], "coverage": [], "decode_profile": [], "noise_floor": [],
+              "peer_check": [], "sources": []}
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name, data in frames.items():
+        pd.DataFrame(data).to_csv(tables / f"{name}.csv", index=False)
+    text = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
+    summary_part = text.split("## Summary")[1].split("\n| model")[0]
+    assert "with `r64`: no setting with this adapter was validated in this run." in summary_part
+    assert "**mx** with `experts` on `vllm-moe`: checks [FAIL](#verdict-mx-vllm-moe-experts) " \
+           "(adapter: effect / engine noise); no speed measured in this run." in summary_part

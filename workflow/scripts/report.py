@@ -74,6 +74,8 @@ def headline_items(rows: list[dict]) -> list[str]:
                      f"{_link(R.tok_s(best['lora_small']['value']), best['lora_small']['ref'])}"
                      f" tok/s (batch {b}); LoRA costs "
                      f"{_overhead_text(best['overhead_small'])}; checks PASS.")
+        elif {r["lora_small"]["validated"] for r in h["faster_unvalidated"]} == {"unvalidated"}:
+            text += "no setting with this adapter was validated in this run."
         else:
             text += "no setting with this adapter passed its checks."
         for r in h["faster_unvalidated"]:
@@ -83,6 +85,21 @@ def headline_items(rows: list[dict]) -> list[str]:
                      f"{_link(R.overhead(cost['value']), cost['ref'])}"
                      f", **{_status_word(lora['validated'])}**{_why(r)}.")
         items.append(text)
+    return items
+
+
+def validated_only_items(verdict: pd.DataFrame, rows: list[dict]) -> list[str]:
+    """One line per (model, engine, adapter) that was validated but has no speed row in the
+    summary (e.g. a run cut short after the expert-LoRA check): its verdict and what failed."""
+    timed = {(r["model"], r["adapter"]) for r in rows}
+    items = []
+    for r in verdict.to_dict("records") if not verdict.empty else []:
+        if (r["model"], r["adapter"]) in timed or r["adapter"] in (None, "none"):
+            continue
+        failed = "" if r["verdict"] == "PASS" else f" ({r['failed_checks']})"
+        items.append(f"**{r['model']}** with `{r['adapter']}` on `{r['engine']}`: checks "
+                     f"{_link(r['verdict'], S.anchor('verdict', r['model'], r['engine'], r['adapter']))}"
+                     f"{failed}; no speed measured in this run.")
     return items
 
 
@@ -210,8 +227,9 @@ def summary_blocks(t: dict, preset: str, models: dict) -> list:
     if caveat:
         blocks.append(Block("p", f"**Read with care:** {caveat}."))
     blocks += [Block("h2", "Summary", id="summary"),
-               Block("ul", items=headline_items(t["summary"]) or
-                     ["no configuration with an adapter ran"], id="headlines"),
+               Block("ul", items=headline_items(t["summary"])
+                     + validated_only_items(t["verdict"], t["summary"])
+                     or ["no configuration with an adapter ran"], id="headlines"),
                summary_table(t["summary"]) if t["summary"] else Block("p", "_no benchmark rows_"),
                Block("p", "Each engine at its best setting (validated first, then fastest with "
                           "the adapter); decode tok/s = batch / TPOT median; LoRA overhead = "
