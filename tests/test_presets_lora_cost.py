@@ -49,9 +49,9 @@ def test_lora_cost_preset_plans_every_engine(tmp_path):
     out = _dry_run(tmp_path)
     cfg = _config()
     stats = job_stats(out)
-    assert stats == {"fetch_model": 5, "measure_bandwidth": 1, "make_adapter": 5, "quantize": 10,
-                     "tune_lora_kernels": 2, "bench_baseline": 5, "bench_lora": 9,
-                     "validate": 8, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
+    assert stats == {"fetch_model": 5, "measure_bandwidth": 1, "make_adapter": 5, "quantize": 11,
+                     "tune_lora_kernels": 2, "bench_baseline": 5, "bench_lora": 10,
+                     "validate": 9, "aggregate": 1, "plots": 1, "report": 1, "all": 1}
     header = PRESET.read_text().split("\npreset:")[0]
     n_jobs, n_vllm = map(int, re.search(r"Cost: (\d+) jobs; (\d+) of them", header).groups())
     assert n_jobs == sum(stats.values())  # as the dry run counts them
@@ -66,7 +66,8 @@ def test_lora_cost_preset_plans_every_engine(tmp_path):
                 assert ("bench_lora", model, engine) in planned or "bench" not in stages
     # the settings the question compares share one model entry (the report's best-setting pick)
     assert cfg["models"]["mistral-7b-shape"]["engines"] == [
-        "vllm", "vllm-lora-defaults", "vllm-tuned", "vllm-marlin", "vllm-tuned-marlin"]
+        "vllm", "vllm-lora-defaults", "vllm-tuned", "vllm-marlin", "vllm-tuned-marlin",
+        "vllm-specialize"]
     # every Machete-weights entry of the Mistral shape is the same cache entry
     weights = {yaml.safe_dump({k: spec[k] for k in ("source", "model_type", "arch")})
                for spec in cfg["models"].values()
