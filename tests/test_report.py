@@ -128,10 +128,20 @@ def _new_tables(root: Path) -> Path:
                      "metric": "LoRA decode overhead, batch 1", "source_value": "+20%",
                      "our_value": "+8%", "our_config": "m7 · q,v only + tuned · r16",
                      "validated": "PASS", "bandwidth_normalised": 0.93}]}
+    return _write_tables(root, **frames)
+
+
+# every table report.load reads; a test names the ones it fills
+REPORT_TABLES = ("bench", "overhead", "validation", "memory", "status", "quality", "coverage",
+                 "decode_profile", "noise_floor", "peer_check", "sources")
+
+
+def _write_tables(root: Path, **frames) -> Path:
+    """<root>/tables/<name>.csv for every table report.load reads (empty where not given)."""
     tables = root / "tables"
     tables.mkdir(parents=True)
-    for name, rows in frames.items():
-        pd.DataFrame(rows).to_csv(tables / f"{name}.csv", index=False)
+    for name in dict.fromkeys((*REPORT_TABLES, *frames)):
+        pd.DataFrame(frames.get(name, [])).to_csv(tables / f"{name}.csv", index=False)
     return tables
 
 
@@ -164,13 +174,7 @@ def test_summary_base_from_the_lora_engine_where_no_baseline_engine_ran(tmp_path
     own base requests, marked, never an empty cell nor another engine's baseline."""
     rows = [_bench_row("vllm", "q,v", "r16", variant, b, tpot, "PASS")
             for b in (1, 8) for variant, tpot in (("lora-base", 0.004), ("lora-adapter", 0.005))]
-    frames = {"bench": rows, "overhead": [], "validation": [], "memory": [], "status": [],
-              "quality": [], "coverage": [], "decode_profile": [], "noise_floor": [],
-              "peer_check": [], "sources": []}
-    tables = tmp_path / "tables"
-    tables.mkdir()
-    for name, data in frames.items():
-        pd.DataFrame(data).to_csv(tables / f"{name}.csv", index=False)
+    tables = _write_tables(tmp_path, bench=rows)
     t = report.load(tables, [], {}, ENGINES)
     (row,) = t["summary"]
     assert row["base_on_lora_engine"] is True
@@ -460,13 +464,7 @@ def test_summary_names_a_check_without_speed_rows_and_says_unvalidated_not_faile
                "check": "adapter: effect / engine noise", "verdict": "FAIL"},
               {"model": "mx", "engine": "vllm-moe", "adapter": "experts", "scope": "base",
                "check": "coverage", "verdict": "PASS"}]
-    frames = {"bench": rows, "overhead": [], "validation": checks, "memory": [], "status": [],
-              "quality": [], "coverage": [], "decode_profile": [], "noise_floor": [],
-              "peer_check": [], "sources": []}
-    tables = tmp_path / "tables"
-    tables.mkdir()
-    for name, data in frames.items():
-        pd.DataFrame(data).to_csv(tables / f"{name}.csv", index=False)
+    tables = _write_tables(tmp_path, bench=rows, validation=checks)
     text = ANCHOR.sub("", report.build_markdown(tables, tmp_path, "p", "", [], {}, ENGINES))
     summary_part = text.split("## Summary")[1].split("\n| model")[0]
     assert "with `r64`: no setting with this adapter was validated in this run." in summary_part

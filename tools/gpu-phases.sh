@@ -13,7 +13,6 @@
 set -uo pipefail
 preset=$1 phases=$2
 deadline=$(( $(date +%s) + ${BUDGET_S:-480} ))
-[ -f /tmp/gpu-env.sh ] && source /tmp/gpu-env.sh
 bash tools/restore-results.sh "$preset"  # before asking which targets are done
 n=0 rc=0
 while IFS= read -r line || [ -n "$line" ]; do

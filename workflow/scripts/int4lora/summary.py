@@ -11,9 +11,8 @@ import re
 
 import pandas as pd
 
-from int4lora.sources import NOT_IN_RUN
-
 from .outputs import MEMORY_COLUMNS
+from .sources import NOT_IN_RUN
 
 # checks that concern the base model alone (older tables have no `scope` column)
 BASE_CHECK_PREFIXES = ("coverage", "agreement: base", "quantization", "quality")
