@@ -83,3 +83,27 @@ def test_two_adapter_copies_bench_and_validate(pipe, result_validator):
     differ = _check(val, "multi.copies_differ")
     assert differ["verdict"] == "PASS" and differ["value"] >= differ["limit"]
     assert _check(val, "multi.mixed_batch")["verdict"] == "PASS"
+
+
+def test_vllm_inflight_bnb_is_validated_against_the_nf4_weights_it_serves(pipe):
+    """vLLM's in-flight bitsandbytes loads bf16 weights (no quantization_config) and quantizes
+    them as NF4 with double quant: the reference is the HF engine's NF4 model, not a
+    compressed-tensors reader (the H100 run's KeyError: 'quantization_config')."""
+    from int4lora.config import engine_config
+    from int4lora.engines.hf_engine import HfEngine
+    model_path = pipe.model("tiny-llama")["metrics"]["path"]
+    adapter = pipe.adapter("tiny-llama", "r16-qv")["metrics"]["paths"][0]
+    seqs = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]]
+    ctx = {"reference_adapter": ("a", adapter), "model_path": model_path,
+           "quant_path": model_path, "seqs": seqs, "top_k": 3, "real": False}
+    got = validate.run_reference(engine_config({"backend": "vllm", "quantization": "bitsandbytes"}),
+                                 ctx, "cpu")
+    nf4 = HfEngine.reference(model_path, model_path, {"a": adapter}, "cpu")
+    plain = HfEngine(model_path, quantization="none", compute_dtype="float32", device="cpu")
+    try:
+        want = nf4.score(seqs, ["a", "a"], 3)
+        unquantized = plain.score(seqs, [None, None], 3)
+    finally:
+        nf4.close(), plain.close()
+    assert [s.target_logprobs for s in got["adapter"]] == [s.target_logprobs for s in want]
+    assert [s.target_logprobs for s in got["base"]] != [s.target_logprobs for s in unquantized]

@@ -102,7 +102,8 @@ def run_reference(cfg, ctx: dict, device: str) -> dict:
     """fp32 reference scores (the engine's own 4-bit weights dequantized, PEFT on top) and, for
     real weights, the original weights' scores and perplexity."""
     name, path = ctx["reference_adapter"]
-    kwargs = {"quantize_experts": cfg.quantize_experts} if cfg.backend == "hf" else {}
+    kwargs = ({"quantize_experts": cfg.quantize_experts} if cfg.backend == "hf"
+              else {"quantization": cfg.quantization})
     ref = engine_class(cfg).reference(ctx["model_path"], ctx["quant_path"], {name: path},
                                       device, **kwargs)
     n, k = len(ctx["seqs"]), ctx["top_k"]

@@ -276,11 +276,14 @@ class VllmEngine:
 
     @staticmethod
     def reference(model_path: str, quant_path: str, adapters: dict, device: str,
-                  layers: int | None = None):
-        """fp32 HF model holding the dequantized W4A16 weights this engine serves, PEFT on top
-        (in-flight bitsandbytes: the NF4 reference of the HF engine)."""
+                  quantization: str = "w4a16"):
+        """fp32 HF model holding the dequantized W4A16 weights this engine serves, PEFT on top;
+        in-flight bitsandbytes: the HF engine's NF4 reference, since vLLM quantizes the bf16
+        weights at load as NF4 with double quant, blocksize 64, as the HF engine does."""
         from int4lora.engines.hf_engine import HfEngine
         from int4lora.reference import dequantized_compressed_model
+        if quantization == "bitsandbytes":
+            return HfEngine.reference(model_path, quant_path, adapters, device)
         base = dequantized_compressed_model(quant_path, model_path, device)
         return HfEngine(model_path, quantization="none", compute_dtype="float32", device=device,
                         adapters=adapters, model=base)
