@@ -3,7 +3,10 @@
 # Run the pipeline's vLLM stages with 0.17.0 first on the path against a checkpoint that
 # llmcompressor wrote with 0.19.0 (gpu-smoke's tiny Mixtral), on a GPU node with the bundle unpacked:
 #   here:     pip download compressed-tensors==0.17.0 --no-deps -d .whl
-#   device:   carry .whl; bash tools/ct017-check.sh   (results: results/gpu-smoke/, env records 0.17.0)
+#   device:   carry .whl; bash tools/ct017-check.sh [WHEEL]   (results: results/gpu-smoke/, env
+#             records 0.17.0). The device tool deletes .whl/ on a later call that does not carry it:
+#             a detached job started in one call must read a copy, e.g.
+#             cp .whl/*.whl /tmp/ && bash tools/ct017-check.sh /tmp/compressed_tensors-0.17.0-py3-none-any.whl
 set -euo pipefail
 source /tmp/gpu-env.sh
 export PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0
@@ -15,7 +18,7 @@ out=results/gpu-smoke
 smk "$out/quantize/tiny-mixtral/vllm.json"
 # 2. the vLLM stages with 0.17.0 ahead of 0.19.0
 mkdir -p /tmp/ct017
-python3 -m zipfile -e .whl/compressed_tensors-0.17.0-py3-none-any.whl /tmp/ct017
+python3 -m zipfile -e "${1:-.whl/compressed_tensors-0.17.0-py3-none-any.whl}" /tmp/ct017
 export PYTHONPATH=/tmp/ct017${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import compressed_tensors as c; assert c.__version__ == '0.17.0', c.__version__"
 # validation first (the check that the checkpoint loads and LoRA applies), then the benchmarks
