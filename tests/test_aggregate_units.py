@@ -154,3 +154,15 @@ def test_job_times_name_each_job_and_join_its_engine_start(tmp_path):
     from int4lora import views
     lead = views.job_time_lead(pd.DataFrame(list(rows.values())))
     assert lead.startswith("4 jobs took 3.7 min of job time") and "95–95 s" in lead
+
+
+def test_engine_setting_names_the_checkpoint_the_engine_loaded():
+    """Model entries of one preset can share weights (gpu-lora-cost's kernel sweep): the bench
+    rows carry the checkpoint's cache entry so kernels are compared on the same weights."""
+    res = {"engine": "vllm-exllama", "metrics": {"engine_info": {
+        "setting": "W4A16 ExLlama", "llm_kwargs": {"model": "/c/models/mistral-de35658ab8e6"},
+        "engine_log": {"w4a16_kernels": ["ExllamaLinearKernel"]}}}}
+    got = aggregate.engine_setting(res)
+    assert got["checkpoint"] == "mistral-de35658ab8e6"
+    assert got["w4a16_kernel"] == "ExllamaLinearKernel"
+    assert aggregate.engine_setting({"engine": "hf", "metrics": {}})["checkpoint"] is None

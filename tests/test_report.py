@@ -470,3 +470,32 @@ def test_summary_names_a_check_without_speed_rows_and_says_unvalidated_not_faile
     assert "with `r64`: no setting with this adapter was validated in this run." in summary_part
     assert "**mx** with `experts` on `vllm-moe`: checks [FAIL](#verdict-mx-vllm-moe-experts) " \
            "(adapter: effect / engine noise); no speed measured in this run." in summary_part
+
+
+def _kernel_row(engine, kernel, variant, batch, tpot, checkpoint="mistral-abc", status="ok"):
+    return {"model": "m7", "engine": engine, "setting": engine, "adapter": "none",
+            "variant": variant, "batch": batch, "status": status, "w4a16_kernel": kernel,
+            "checkpoint": checkpoint, "tpot_s_median": tpot}
+
+
+def test_kernel_section_names_the_fastest_kernel_per_batch_on_one_checkpoint():
+    """gpu-lora-cost's kernel sweep: ExLlama is fastest at batch 1 and collapses at 32, Marlin
+    wins 8-32; a kernel seen only as a LoRA engine's base requests is marked †."""
+    rows = [_kernel_row("ex", "ExllamaLinearKernel", "base", 1, 0.00311),
+            _kernel_row("ex", "ExllamaLinearKernel", "base", 32, 0.0154),
+            _kernel_row("ma", "MarlinLinearKernel", "base", 1, 0.00320),
+            _kernel_row("ma", "MarlinLinearKernel", "base", 32, 0.00413),
+            _kernel_row("ma-lora", "MarlinLinearKernel", "lora-base", 1, 0.00300),  # no: LoRA engine
+            _kernel_row("mc-lora", "MacheteLinearKernel", "lora-base", 1, 0.00372),
+            _kernel_row("mc-lora", "MacheteLinearKernel", "lora-adapter", 1, 0.00100),
+            _kernel_row("tr", "TritonW4A16LinearKernel", "base", 1, 0.0005, status="error"),
+            _kernel_row("other", "MarlinLinearKernel", "base", 1, 0.001, checkpoint="one-kernel")]
+    bench = pd.DataFrame(rows)
+    assert V.kernel_lead(bench) == ("Fastest base decode (median) on mistral-abc: "
+                                    "b=1: Exllama (3.11 ms); b=32: Marlin (4.13 ms).")
+    md = ANCHOR.sub("", render.to_markdown([V.kernel_table(bench)]))
+    md = re.sub(r"\[([^\]]*)\]\(#[^)]*\)", r"\1", md)
+    assert "| mistral-abc | Marlin | ma | 3.2 | 4.13 |" in md
+    assert "| mistral-abc | Machete | mc-lora | 3.72 † | – |" in md
+    assert "one-kernel" not in md and "TritonW4A16" not in md
+    assert V.kernel_table(bench[bench["checkpoint"] == "one-kernel"]) is None

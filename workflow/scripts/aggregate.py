@@ -43,7 +43,10 @@ def engine_setting(res: dict) -> dict:
                 "all (vLLM default)" if kwargs.get("enable_lora") else None),
             "max_loras": kwargs.get("max_loras"),
             "w4a16_kernel": ",".join(log.get("w4a16_kernels") or []) or None,
-            "lora_kernel_configs": log.get("lora_kernel_configs")}
+            "lora_kernel_configs": log.get("lora_kernel_configs"),
+            # the weights the engine loaded (their cache entry): model entries of one preset
+            # can share a checkpoint, and kernels are compared on the same one
+            "checkpoint": Path(kwargs["model"]).name if kwargs.get("model") else None}
 
 
 def bench_rows(res: dict) -> list[dict]:

@@ -265,6 +265,10 @@ def detail_blocks(t: dict, description: str) -> list:
                    Block("p", "The same adapter served under each engine setting this run "
                               "measured: TPOT of adapter requests over base requests on the same "
                               "engine, paired, per batch. Pick the fastest row that passed."), cost]
+    kernels = V.kernel_table(t["bench"])
+    if kernels is not None:
+        blocks += [Block("h2", "W4A16 kernels by batch", id="kernels"),
+                   Block("p", V.KERNEL_LEAD + " " + V.kernel_lead(t["bench"])), kernels]
     if not t["tuning"].empty:
         blocks += [Block("h2", "Punica kernels tuned on this GPU", id="tuning"),
                    Block("p", V.TUNING_LEAD + " " + V.tuning_lead(t["tuning"])),

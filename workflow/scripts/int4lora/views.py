@@ -299,6 +299,69 @@ def lora_cost_table(overhead: pd.DataFrame, bench: pd.DataFrame) -> Table | None
     return Table(headers, rows, id="lora-cost-table", cls="data sortable")
 
 
+KERNEL_LEAD = ("Every W4A16 kernel this run loaded, on the same checkpoint: TPOT median of base "
+               "requests in ms per batch, on the engine without LoRA (else the LoRA engine's base "
+               "requests, †). Adapter costs per kernel are in the LoRA cost table above.")
+
+
+def _kernel_base_tpot(bench: pd.DataFrame) -> pd.DataFrame:
+    """One row per (checkpoint, W4A16 kernel, batch): the fastest base-request TPOT median,
+    from engines without LoRA where the kernel ran one, else from LoRA engines' base requests
+    (on_lora_engine). Only checkpoints that ran more than one kernel."""
+    need = {"w4a16_kernel", "checkpoint", "tpot_s_median", "variant", "status"}
+    if bench.empty or not need <= set(bench.columns):
+        return pd.DataFrame()
+    b = bench[(bench["status"] == "ok") & bench["w4a16_kernel"].notna()
+              & bench["checkpoint"].notna() & bench["tpot_s_median"].notna()
+              & bench["variant"].isin(["base", "lora-base"])].copy()
+    b["on_lora_engine"] = b["variant"] == "lora-base"
+    # an engine without LoRA first, then the fastest
+    b = b.sort_values(["on_lora_engine", "tpot_s_median"])
+    b = b.drop_duplicates(["checkpoint", "w4a16_kernel", "batch"])
+    kernels = b.groupby("checkpoint")["w4a16_kernel"].nunique()
+    return b[b["checkpoint"].isin(kernels[kernels > 1].index)]
+
+
+def kernel_lead(bench: pd.DataFrame) -> str:
+    """The fastest kernel at each batch, per checkpoint: the answer the table holds."""
+    b = _kernel_base_tpot(bench)
+    parts = []
+    for ckpt, g in b.groupby("checkpoint", sort=True):
+        best = [f"b={int(batch)}: {_kernel_name(r['w4a16_kernel'])} "
+                f"({R.plain(r['tpot_s_median'] * 1e3)} ms)"
+                for batch, gb in g.groupby("batch", sort=True)
+                for r in [gb.loc[gb["tpot_s_median"].idxmin()]]]
+        parts.append(f"Fastest base decode (median) on {ckpt}: " + "; ".join(best) + ".")
+    return " ".join(parts)
+
+
+def _kernel_name(kernel: str) -> str:
+    return str(kernel).replace("LinearKernel", "")
+
+
+def kernel_table(bench: pd.DataFrame) -> Table | None:
+    b = _kernel_base_tpot(bench)
+    if b.empty:
+        return None
+    batches = sorted(int(x) for x in b["batch"].unique())
+    rows = []
+    for (ckpt, kernel), g in b.groupby(["checkpoint", "w4a16_kernel"], sort=True):
+        by_batch = {int(r["batch"]): r for r in g.to_dict("records")}
+        cells = [Cell(str(ckpt)), Cell(_kernel_name(kernel)),
+                 R.short(", ".join(sorted(set(g["engine"].astype(str)))), 30)]
+        for x in batches:
+            r = by_batch.get(x)
+            if r is None:
+                cells.append(Cell(R.DASH, cls="num notrun", title="not measured"))
+                continue
+            text = R.plain(r["tpot_s_median"] * 1e3) + (" †" if r["on_lora_engine"] else "")
+            cells.append(R.num(text, r["tpot_s_median"], bench_anchor(r)))
+        rows.append((anchor("kernel", ckpt, kernel), cells))
+    headers = ["checkpoint", "W4A16 kernel", "engine",
+               *[f"base TPOT ms b={x}" for x in batches]]
+    return Table(headers, rows, id="kernel-table", cls="data sortable")
+
+
 def _class_shares(r: dict, shares: list[str]) -> Cell:
     """The kernel classes that hold time, largest first, in one cell (all on hover)."""
     held = sorted(((r.get(c) or 0.0, c.removeprefix("share_")) for c in shares
