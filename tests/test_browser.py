@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 H100 = ROOT / "docs" / "runs" / "2026-11-23-h100-gpu-synthetic" / "results" / "tables"
 SEEDS = ROOT / "docs" / "runs" / "2026-11-25-h100-gpu-seeds"
+LORA_COST = ROOT / "docs" / "runs" / "2026-11-25-h100-gpu-lora-cost-partial"
 WIDTH, HEIGHT = 1400, 900
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -122,16 +123,17 @@ def measured(h100_page):
     return probe(h100_page)
 
 
-@pytest.fixture(scope="module")
-def seeds_measured(tmp_path_factory):
-    """The committed full-size run (long setting names, base rows from the LoRA engine) through
-    this report, measured in the browser."""
+@pytest.fixture(scope="module", params=[SEEDS, LORA_COST], ids=lambda p: p.name)
+def seeds_measured(request, tmp_path_factory):
+    """The committed full-size run (long setting names, base rows from the LoRA engine) and the
+    LoRA-cost run (eight settings, the kernel sweep) through this report, measured in the
+    browser."""
     import plots
     import report
     from int4lora.sources import load_sources
-    tables = SEEDS / "results" / "tables"
-    config = yaml.safe_load((SEEDS / "config.yaml").read_text())
-    out = tmp_path_factory.mktemp("seeds-browser")
+    tables = request.param / "results" / "tables"
+    config = yaml.safe_load((request.param / "config.yaml").read_text())
+    out = tmp_path_factory.mktemp("run-browser")
     plots.main(str(tables), str(out / "figures"), config["models"], config["engines"])
     report.main(str(tables), str(out / "figures"), str(out / "report.md"), str(out / "index.html"),
                 config["preset"], config["description"], load_sources(), config["models"],
@@ -146,6 +148,8 @@ def test_full_size_run_fits_the_page_and_its_summary_the_first_screen(seeds_meas
             if t["right"] > WIDTH or t["left"] < 0]
     assert not wide, wide
     assert got["headlines_bottom"] < got["summary_bottom"] <= got["height"]
+    ids = {t["id"] for t in got["tables"]}
+    assert "lora-cost-table" in ids
 
 
 def test_every_image_loads(measured):
