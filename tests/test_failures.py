@@ -1,6 +1,5 @@
 """Everyday failures stop with a message that names what is wrong, and leave nothing behind
 (issue 13's table), and timed jobs never share the machine (issue 9's isolation)."""
-import json
 import os
 import re
 import signal

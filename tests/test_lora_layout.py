@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-from pathlib import Path
 
 import pytest
 
+from conftest import VLLM_SRC, needs_vllm_src
 from int4lora import lora_layout as ll
 
 R, ALPHA = 4, 8  # tiny adapters: rank 4, alpha 8 -> vLLM and PEFT scale by 2
@@ -313,13 +312,10 @@ def test_conversion_rejects_unknown_expert_tensor(tmp_path):
 
 
 # --------------------------------------------------------------------------- through vLLM's code
-# Where the vLLM 0.26.0 source tree is at hand (VLLM_SRC, default /work/ref/vllm-src/vllm), run
+# Where the vLLM 0.26.0 source tree is at hand (conftest.VLLM_SRC: tools/vllm-src.py), run
 # the converted adapter through vLLM's own name parsing, target matching, pack_moe and
 # optimize() (the functions are compiled from that tree, vllm imports stubbed).
 
-VLLM_SRC = Path(os.environ.get("VLLM_SRC", "/work/ref/vllm-src/vllm"))
-needs_vllm_src = pytest.mark.skipif(not (VLLM_SRC / "lora" / "lora_weights.py").is_file(),
-                                    reason="vLLM 0.26 source tree not available")
 
 
 def vllm_namespace(relpath: str, keep: set[str] | None = None, **stubs) -> dict:
@@ -341,7 +337,7 @@ def vllm_namespace(relpath: str, keep: set[str] | None = None, **stubs) -> dict:
     return namespace
 
 
-@needs_vllm_src
+@needs_vllm_src("lora/lora_weights.py", "lora/utils.py")
 def test_converted_mixtral_adapter_through_vllm_code(tmp_path):
     import re as regex_module
 

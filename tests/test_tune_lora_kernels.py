@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import VLLM_SRC, without_vllm_src
 from int4lora import lora_tuning as lt
 
 MISTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -20,14 +21,14 @@ META_IN_PACKAGE = "lora/ops/triton_ops/lora_kernel_metadata.py"
 
 def _kernel_meta_module():
     """vLLM's lora_kernel_metadata.py (imports only torch) without importing vllm itself:
-    the reference source tree, else an installed vllm package; skip when neither exists."""
-    paths = [Path("/work/ref/vllm-src/vllm") / META_IN_PACKAGE]
+    the unpacked source tree, else an installed vllm package; skip when neither exists."""
+    paths = [VLLM_SRC / META_IN_PACKAGE]
     spec = importlib.util.find_spec("vllm")
     if spec and spec.submodule_search_locations:
         paths += [Path(p) / META_IN_PACKAGE for p in spec.submodule_search_locations]
     path = next((p for p in paths if p.exists()), None)
     if path is None:
-        pytest.skip("vLLM's lora_kernel_metadata.py is not on this machine")
+        without_vllm_src(f"vLLM's {META_IN_PACKAGE}")
     mspec = importlib.util.spec_from_file_location("vllm_lora_kernel_metadata", path)
     module = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(module)

@@ -149,6 +149,9 @@ def run_tests(workdir: Path, python: str, targets: list[str], timeout: float) ->
     # no bytecode: a same-size mutation written within a second of the original could otherwise
     # be served from a stale .pyc
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # the copy leaves ignored folders behind: the tests that read vLLM's source read this tree's
+    if (ROOT / ".cache" / "vllm-src" / "vllm").is_dir():
+        env.setdefault("VLLM_SRC", str(ROOT / ".cache" / "vllm-src" / "vllm"))
     t0 = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
