@@ -274,3 +274,37 @@ def test_llmcompressor_qwen3_moe_checkpoint_has_vllm_names(qwen3_moe_run):
         for k in ("packed", "scale", "shape")}
     fams = checkpoint_storage(ckpt)["families"]
     assert fams["experts"]["share_4bit"] == 1.0 and fams["router"]["share_4bit"] == 0.0
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"num_key_value_heads": 3}, "models.m.arch.num_key_value_heads=3: must divide "
+                                 "num_attention_heads=8"),
+    ({"num_key_value_heads": 16}, "models.m.arch.num_key_value_heads=16: must divide"),
+    ({"num_experts_per_tok": 9}, "models.m.arch.num_experts_per_tok=9: must be between 1 and "
+                                 "num_local_experts=8"),
+    ({"num_experts_per_tok": 0}, "models.m.arch.num_experts_per_tok=0: must be between 1"),
+    ({"vocab_size": 258}, "models.m.arch.vocab_size=258: below the byte tokenizer's 259"),
+    ({"num_hidden_layers": 0}, "models.m.arch.num_hidden_layers=0: needs at least 1"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 2},
+     "models.m.arch.num_attention_heads=6: must divide hidden_size=256 (or set head_dim)"),
+    ({"hidden_sise": 256}, "models.m.arch: mixtral: unknown config field(s) ['hidden_sise']"),
+])
+def test_config_errors_name_the_arch_key_that_cannot_be_synthesized(edit, expected):
+    arch_fields = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                   "num_attention_heads": 8, "num_key_value_heads": 4, "num_local_experts": 8,
+                   "num_experts_per_tok": 2, "vocab_size": 512}
+    spec = {"source": "synthetic", "model_type": "mixtral", "arch": {**arch_fields, **edit}}
+    assert arch.config_errors({"m": {**spec, "arch": arch_fields}}) == []
+    errors = arch.config_errors({"m": spec})
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+    assert arch.config_errors({"m": {**spec, "source": "local"}}) == []  # real configs: theirs
+
+
+def test_an_explicit_head_dim_frees_hidden_size_from_the_heads():
+    spec = {"source": "synthetic", "model_type": "qwen3", "arch": {
+        "hidden_size": 96, "intermediate_size": 128, "num_hidden_layers": 1, "head_dim": 32,
+        "num_attention_heads": 5, "num_key_value_heads": 1, "vocab_size": 300}}
+    assert arch.config_errors({"m": spec}) == []
+    del spec["arch"]["head_dim"]
+    assert arch.config_errors({"m": spec}) == [
+        "models.m.arch.num_attention_heads=5: must divide hidden_size=96 (or set head_dim)"]

@@ -90,6 +90,36 @@ def _vllm_max_model_len(c):
     c["engines"]["vllm"]["settings"] = {"max_model_len": 128}
 
 
+def _two_schema_errors(c):
+    c["benchmark"]["batch_sizes"] = []
+    c["adapters"]["r16-qv"]["rank"] = "sixteen"
+
+
+def _heads_do_not_divide_hidden(c):
+    c["models"]["tiny-llama"]["arch"]["num_attention_heads"] = 7
+
+
+def _kv_heads_do_not_divide_heads(c):
+    c["models"]["tiny-llama"]["arch"]["num_key_value_heads"] = 3
+
+
+def _top_k_above_experts(c):
+    c["models"]["tiny-mixtral"]["arch"]["num_experts_per_tok"] = 9
+
+
+def _vocab_below_tokenizer(c):
+    c["models"]["tiny-llama"]["arch"]["vocab_size"] = 100
+
+
+def _local_path_missing(c):
+    c["models"]["tiny-llama"] = {"source": "local", "path": "/nonexistent/model",
+                                 "engines": ["hf"], "adapters": ["r16-qv"]}
+
+
+def _cache_dir_unwritable(c):
+    c["cache_dir"] = "/proc/int4lora-cache"  # os.access() says yes to root here
+
+
 # (base config, edit, strings the error message must contain)
 BROKEN = {
     "typo-top-level-key": (OFFLINE, _typo, ["benchmrk"]),
@@ -117,6 +147,23 @@ BROKEN = {
         "engines.vllm.settings.max_modle_len: not a vLLM 0.26.0 EngineArgs field"]),
     "vllm-max-model-len": (GPU_SMOKE, _vllm_max_model_len, [
         "exceeds engines.vllm.settings.max_model_len=128"]),
+    "two-schema-errors-at-once": (OFFLINE, _two_schema_errors, [
+        "benchmark.batch_sizes: [] should be non-empty",
+        "adapters.r16-qv.rank: 'sixteen' is not of type 'integer'"]),
+    "heads-do-not-divide-hidden": (OFFLINE, _heads_do_not_divide_hidden, [
+        "models.tiny-llama.arch: The hidden size (256) is not a multiple of the number of "
+        "attention heads (7)"]),
+    "kv-heads-do-not-divide-heads": (OFFLINE, _kv_heads_do_not_divide_heads, [
+        "models.tiny-llama.arch.num_key_value_heads=3: must divide num_attention_heads=8"]),
+    "top-k-above-experts": (OFFLINE, _top_k_above_experts, [
+        "models.tiny-mixtral.arch.num_experts_per_tok=9: must be between 1 and "
+        "num_local_experts=8"]),
+    "vocab-below-tokenizer": (OFFLINE, _vocab_below_tokenizer, [
+        "models.tiny-llama.arch.vocab_size=100: below the byte tokenizer's 259 tokens"]),
+    "local-path-missing": (OFFLINE, _local_path_missing, [
+        "models.tiny-llama.path='/nonexistent/model': /nonexistent/model is not a directory"]),
+    "cache-dir-unwritable": (OFFLINE, _cache_dir_unwritable, [
+        "cache_dir='/proc/int4lora-cache': cannot create a folder in /proc"]),
 }
 
 
@@ -134,6 +181,7 @@ def test_broken_config_is_rejected_before_anything_runs(case, tmp_path):
     for text in expected:
         assert text in proc.stdout, f"{text!r} not in:\n{proc.stdout[-3000:]}"
     assert "Job stats" not in proc.stdout
+    assert "Failed validating" not in proc.stdout  # one line per error, not schema dumps
     for out in ("results", "logs", "benchmarks"):
         assert not (workdir / out).exists(), out
 

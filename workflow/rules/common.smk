@@ -9,8 +9,12 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
-from int4lora.config import ConfigError, check_config, job_plan  # noqa: E402
+from int4lora.config import ConfigError, check_config, job_plan, schema_errors  # noqa: E402
 
+# every schema error at once, one line each naming the key (validate() below then has none)
+_errors = schema_errors(config)
+if _errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(_errors))
 # fills in the schema's defaults (presets hold only what differs from them)
 validate(config, schema="../schemas/config.schema.json", set_default=True)
 

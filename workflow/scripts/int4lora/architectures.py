@@ -140,16 +140,60 @@ def spec_is_moe(spec: dict) -> bool:
 
 
 def config_errors(models: dict) -> list[str]:
-    """Config-time checks of every model's model_type (for rules/common.smk)."""
+    """Config-time checks of every synthetic model: its model_type, and an `arch` that
+    transformers builds and that the pipeline can synthesize and serve."""
     errors = []
     for name, spec in models.items():
         if spec.get("source") not in ("synthetic", "synthetic-w4a16"):
             continue
         try:
-            check_model_type(model_type_of(spec))
+            model_type = check_model_type(model_type_of(spec))
         except ValueError as exc:
             errors.append(f"models.{name}: {exc}")
+            continue
+        try:
+            config = build_config(model_type, spec.get("arch") or {})
+        except Exception as exc:  # noqa: BLE001 (transformers raises its own validation errors)
+            errors.append(f"models.{name}.arch: {_last_line(exc)}")
+            continue
+        errors += [f"models.{name}.arch.{problem}"
+                   for problem in arch_problems(config, explicit_head_dim="head_dim" in
+                                                (spec.get("arch") or {}))]
     return errors
+
+
+def _last_line(exc: Exception) -> str:
+    """The cause of a wrapped error (transformers prints its validator's name first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].removeprefix("ValueError: ") if lines else type(exc).__name__
+
+
+def arch_problems(config, explicit_head_dim: bool = False) -> list[str]:
+    """What a built config gets wrong for synthesis and serving, each as `key=value: why`
+    (transformers 5.17 checks hidden_size against the heads for llama only, none of the rest)."""
+    from .models import BYTE_TOKENIZER_SIZE
+    problems = []
+    if config.vocab_size < BYTE_TOKENIZER_SIZE:
+        problems.append(f"vocab_size={config.vocab_size}: below the byte tokenizer's "
+                        f"{BYTE_TOKENIZER_SIZE} tokens that synthetic models are saved with")
+    if config.num_hidden_layers < 1:
+        problems.append(f"num_hidden_layers={config.num_hidden_layers}: needs at least 1")
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None)
+    if heads and hidden and not explicit_head_dim and hidden % heads:
+        problems.append(f"num_attention_heads={heads}: must divide hidden_size={hidden} "
+                        f"(or set head_dim)")
+    if heads and kv_heads and (kv_heads > heads or heads % kv_heads):
+        problems.append(f"num_key_value_heads={kv_heads}: must divide "
+                        f"num_attention_heads={heads} (grouped-query attention)")
+    moe = family(config.model_type).moe
+    if moe is not None:
+        experts, top_k = getattr(config, moe.num_experts_key, 0), getattr(config, moe.top_k_key, 0)
+        if experts and not 1 <= top_k <= experts:
+            problems.append(f"{moe.top_k_key}={top_k}: must be between 1 and "
+                            f"{moe.num_experts_key}={experts}")
+    return problems
 
 
 def build_config(model_type: str, arch: dict, **fixed):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +68,18 @@ def with_defaults(instance: dict, part: str | None = None) -> dict:
     filled = copy.deepcopy(instance)
     _default_filling_validator()(schema).validate(filled)
     return filled
+
+
+def schema_errors(config: dict) -> list[str]:
+    """Every way `config` breaks the schema, one line each, naming the key by its dotted path
+    (Snakemake's validate() stops at the first and prints the schema fragment instead)."""
+    filled = copy.deepcopy(config)
+    validator = _default_filling_validator()(load_schema())
+    errors = []
+    for error in sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.path))):
+        where = ".".join(str(part) for part in error.absolute_path) or "top level"
+        errors.append(f"{where}: {error.message}")
+    return errors
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +173,7 @@ def check_config(config: dict, models: dict | None = None) -> list[str]:
     """Cross-field checks the JSON schema cannot express; each error names the key, the value and
     the limit. `config` has its defaults filled in; `models` is the subset being run."""
     errors = []
-    bench, val = config["benchmark"], config["validation"]
+    bench = config["benchmark"]
     engines, adapters = config["engines"], config["adapters"]
     if bench["max_iterations"] < bench["min_iterations"]:
         errors.append(f"benchmark.max_iterations={bench['max_iterations']} is below "
@@ -203,6 +215,12 @@ def _model_errors(name: str, spec: dict, config: dict) -> list[str]:
         if uses_vllm and ad["rank"] > max(VLLM_MAX_LORA_RANKS):
             errors.append(f"adapters.{adapter}.rank={ad['rank']} is above vLLM's limit "
                           f"{max(VLLM_MAX_LORA_RANKS)} (model {name!r})")
+    if spec.get("source") == "local":
+        local = Path(spec["path"]).expanduser()
+        if not (local / "config.json").is_file():
+            what = "has no config.json" if local.is_dir() else "is not a directory"
+            errors.append(f"models.{name}.path={spec['path']!r}: {local} {what} (a local model "
+                          f"is a folder in Hugging Face layout)")
     context = _context_length(spec)
     needs = {"benchmark.prompt_tokens + benchmark.output_tokens":
              bench["prompt_tokens"] + bench["output_tokens"],
@@ -227,8 +245,11 @@ def _cache_dir_errors(cache_dir: str) -> list[str]:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         return [f"cache_dir={cache_dir!r}: {probe} is not a directory"]
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return [f"cache_dir={cache_dir!r}: {probe} is not writable"]
+    # a real write: os.access() answers yes to root on a read-only mount or /proc
+    try:
+        tempfile.TemporaryDirectory(dir=probe, prefix=".int4lora-write-check-").cleanup()
+    except OSError as exc:
+        return [f"cache_dir={cache_dir!r}: cannot create a folder in {probe} ({exc.strerror})"]
     return []
 
 

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>"]
+BYTE_TOKENIZER_SIZE = len(SPECIAL_TOKENS) + 256  # byte_tokenizer(): specials + one per byte
 
 
 def byte_tokenizer():
