@@ -78,4 +78,43 @@ def test_targets_an_earlier_lease_finished_are_not_asked_for_again(tmp_path):
                                             ["results/p/bench/m/e/baseline.json"]]
     # the restore ran before the first phase, and dropped stale cache results
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[0].startswith("tools/drop-stale-cache-results.py results/p")
+    assert calls[0] == "tools/restored-gpu.py results/p"
+    assert calls[1].startswith("tools/drop-stale-cache-results.py results/p")
+
+
+def _restored_gpu_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("restored_gpu", ROOT / "tools" / "restored-gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(path, gpu, device="cuda"):
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"status": "ok", "env": {"device": device, "gpu": gpu}}))
+
+
+def test_results_of_another_gpu_model_are_set_aside_not_mixed_in(tmp_path, capsys):
+    rg = _restored_gpu_module()
+    root = tmp_path / "results" / "p"
+    _result(root / "bench" / "m" / "e" / "r16.json", "NVIDIA H100 80GB HBM3")
+    _result(root / "models" / "m.json", None, device="cpu")
+    assert rg.main(str(root), gpu="NVIDIA H100 80GB HBM3") == 0 and root.is_dir()  # same GPU
+    assert rg.main(str(root), gpu="NVIDIA H200") == 0
+    aside = tmp_path / "results" / "p.from-NVIDIA-H100-80GB-HBM3"
+    assert not root.exists() and (aside / "bench" / "m" / "e" / "r16.json").is_file()
+    assert "measured on NVIDIA H100 80GB HBM3; this machine has NVIDIA H200" in \
+        capsys.readouterr().out
+
+
+def test_this_gpu_reads_nvidia_smi_and_none_without_it(tmp_path, monkeypatch):
+    rg = _restored_gpu_module()
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n[ "$1" = --query-gpu=name ] && printf "NVIDIA H200\\nNVIDIA H200\\n"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert rg.this_gpu() == "NVIDIA H200"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert rg.this_gpu() is None

@@ -86,10 +86,13 @@ def test_lora_cost_phases_cover_the_preset_in_priority_order(tmp_path):
         assert set(phase) <= gpu, set(phase) - gpu  # every target is an engine job of the preset
         covered |= gpu
     assert covered == whole, sorted(whole - covered)
-    # what the issue asks first comes first: the restricted row, Marlin, the expert check
+    # the kernel sweep with and without LoRA first (Machete, Marlin, ExLlama and Triton: what
+    # the 2026-11-25 H100 run lacks, and a run on another GPU needs first), then the expert check
     assert phases[0][0].endswith("bench/mistral-7b-shape/vllm/r16-qv.json")
     assert any("vllm-marlin" in t for t in phases[1])
-    assert phases[2] == ["results/gpu-lora-cost/validate/mixtral-8x7b-shape/vllm-moe/r16-experts.json"]
+    assert {t.split("/")[-2] for t in phases[2] + phases[3]} == {
+        "vllm-exllama-lora", "vllm-triton-lora", "vllm-exllama", "vllm-triton"}
+    assert phases[4] == ["results/gpu-lora-cost/validate/mixtral-8x7b-shape/vllm-moe/r16-experts.json"]
 
 
 def test_lora_cost_kernel_sweep_names_every_schema_kernel():

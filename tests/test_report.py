@@ -338,6 +338,16 @@ def test_run_kind_names_cpu_and_synthetic_runs():
     assert summary.run_kind(pd.DataFrame([{"env_device": "cuda"}]), {"b": {}}) == ""
 
 
+def test_run_kind_warns_when_results_come_from_two_gpu_models():
+    one = pd.DataFrame([{"env_device": "cuda", "env_gpu": "NVIDIA H100 80GB HBM3"}] * 2)
+    assert summary.run_kind(one, {"b": {}}) == ""
+    two = pd.DataFrame([{"env_device": "cuda", "env_gpu": "NVIDIA H100 80GB HBM3"},
+                        {"env_device": "cuda", "env_gpu": "NVIDIA H200"}])
+    assert summary.run_kind(two, {"b": {}}) == (
+        "results from 2 GPU models (NVIDIA H100 80GB HBM3, NVIDIA H200): compare rows only "
+        "where their GPU is the same")
+
+
 # --------------------------------------------------------------------------- figures
 
 def test_batch_axis_ticks_are_the_measured_batches():

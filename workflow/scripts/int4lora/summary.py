@@ -398,6 +398,10 @@ def run_kind(status: pd.DataFrame, models: dict, quality: pd.DataFrame | None = 
     devices = _unique(status, "env_device") if not status.empty else []
     if devices and all(d == "cpu" for d in devices):
         notes.append("CPU run: timings show the method, not GPU serving speed")
+    gpus = _unique(status, "env_gpu") if not status.empty else []
+    if len(gpus) > 1:
+        notes.append(f"results from {len(gpus)} GPU models ({', '.join(gpus)}): compare rows "
+                     f"only where their GPU is the same")
     synthetic = {m for m, spec in models.items() if spec.get("source") == "synthetic"}
     if quality is not None and not quality.empty and "synthetic" in quality.columns:
         synthetic |= set(quality.loc[quality["synthetic"].astype(str) == "True", "model"])
