@@ -25,10 +25,13 @@ def test_unpacks_only_vllm_python_files_and_records_the_version(tmp_path):
     dest = tmp_path / "src"
     (dest / "vllm").mkdir(parents=True)
     (dest / "vllm" / "stale.py").write_text("")
-    assert vllm_src.unpack_sources(wheel, dest) == 2
+    ct_wheel = _wheel(tmp_path / "compressed_tensors-0.17.0-py3-none-any.whl", [
+        "compressed_tensors/__init__.py", "compressed_tensors-0.17.0.dist-info/METADATA"])
+    assert vllm_src.unpack_sources(wheel, dest, ct_wheel) == 2
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert files == ["VERSION", "vllm/__init__.py", "vllm/lora/utils.py"]
-    assert (dest / "VERSION").read_text() == "0.26.0\n"
+    assert files == ["VERSION", "ct/compressed_tensors/__init__.py", "vllm/__init__.py",
+                     "vllm/lora/utils.py"]
+    assert (dest / "VERSION").read_text() == "0.26.0 compressed-tensors 0.17.0\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".vllm-src-")] == []
 
 
@@ -46,7 +49,8 @@ def test_a_broken_wheel_leaves_the_old_tree_and_no_staging(tmp_path):
 
 def test_the_version_is_the_vllm_env_pin_and_a_match_downloads_nothing(tmp_path, monkeypatch):
     assert vllm_src.pinned_version() == "0.26.0"
-    (tmp_path / "VERSION").write_text("0.26.0\n")
+    assert vllm_src.pinned_version("compressed-tensors") == "0.17.0"
+    (tmp_path / "VERSION").write_text("0.26.0 compressed-tensors 0.17.0\n")
     monkeypatch.setattr(vllm_src, "download_wheel", lambda *a: pytest.fail("downloaded"))
     assert vllm_src.main(["--dest", str(tmp_path)]) == 0
 
