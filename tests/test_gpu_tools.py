@@ -118,3 +118,25 @@ def test_this_gpu_reads_nvidia_smi_and_none_without_it(tmp_path, monkeypatch):
     assert rg.this_gpu() == "NVIDIA H200"
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert rg.this_gpu() is None
+
+
+def test_a_session_runs_the_ct017_check_then_the_phases_within_one_budget(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    shutil.copy(ROOT / "tools" / "gpu-session.sh", repo / "tools")
+    calls = tmp_path / "calls"
+    (repo / "tools" / "ct017-check.sh").write_text(f'echo "ct017 $*" >> {calls}; sleep 2\n')
+    (repo / "tools" / "gpu-phases.sh").write_text(
+        f'echo "phases $* budget=$BUDGET_S" >> {calls}; mkdir -p results/p; echo x > results/p/r\n')
+    env = {**os.environ, "BUDGET_S": "100", "CT_BUDGET_S": "1", "PRESET": "p",
+           "SESSION_DIR": str(tmp_path)}
+    proc = subprocess.run(["bash", "tools/gpu-session.sh", "/tmp/ct.whl"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "ct017 /tmp/ct.whl"
+    phases, budget = lines[1].rsplit(" budget=", 1)
+    assert phases == "phases p config/p.phases" and 95 <= int(budget) <= 99  # the check's time
+    assert "ct017 check exit code 124" in proc.stdout  # stopped at CT_BUDGET_S
+    with tarfile.open(tmp_path / "session.tar.gz") as tar:
+        assert {"results/p/r", "logs/ct017.log"} <= set(tar.getnames())
