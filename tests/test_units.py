@@ -533,6 +533,28 @@ def test_require_ok_propagates_upstream_failure(tmp_path):
     assert exc.value.status == "unsupported" and "quantize step: group size" in exc.value.reason
 
 
+def test_require_ok_names_a_damaged_or_missing_tuned_kernel_config(tmp_path):
+    from int4lora.upstream import require_ok
+    configs = [tmp_path / "NVIDIA_H200_SHRINK.json", tmp_path / "NVIDIA_H200_EXPAND_TRUE.json"]
+    for path in configs:
+        path.write_text('{"1": {"3": {}}}')
+    tuning = _ok_result()
+    tuning.update(kind="tuning", adapter=None)
+    tuning["metrics"] = {"files": [str(p) for p in configs], "config_folder": str(tmp_path),
+                         "gpu": "NVIDIA H200", "keys": []}
+    result = tmp_path / "tuning.json"
+    resultio.write_result(result, tuning)
+    assert set(require_ok(tuning=str(result))) == {"tuning"}
+    configs[1].write_text('{"1": {"3"')  # truncated
+    with pytest.raises(resultio.ExpectedFailure) as exc:
+        require_ok(tuning=str(result))
+    assert f"tuned LoRA kernel config {configs[1]} is not JSON" in exc.value.reason
+    assert f"delete {result} and rerun" in exc.value.reason
+    configs[1].unlink()
+    with pytest.raises(resultio.ExpectedFailure, match="EXPAND_TRUE.json is missing"):
+        require_ok(tuning=str(result))
+
+
 # --------------------------------------------------------------------------- quantize helpers
 
 def test_indivisible_layers_names_the_layers():

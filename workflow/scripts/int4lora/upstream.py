@@ -32,8 +32,23 @@ def require_ok(**paths) -> dict:
             raise ExpectedFailure(res["status"], f"{step} step: {res.get('reason')}")
         for entry in cache_entries(step, res):
             require_intact(entry, step, str(path))
+        if step == "tuning":
+            _require_readable_configs(res, str(path))
         loaded[step] = res
     return loaded
+
+
+def _require_readable_configs(res: dict, result_file: str) -> None:
+    """vLLM reads tuned kernel configs inside its engine, where a missing or damaged file is a
+    JSONDecodeError deep in a worker's log: check each one here, naming it and the remedy."""
+    import json
+    for name in res["metrics"].get("files") or []:
+        try:
+            json.loads(Path(name).read_text())
+        except (OSError, ValueError) as exc:
+            why = "missing" if isinstance(exc, FileNotFoundError) else f"not JSON ({exc})"
+            raise ExpectedFailure("error", f"tuned LoRA kernel config {name} is {why}; delete "
+                                           f"{result_file} and rerun: Snakemake tunes again")
 
 
 def adapter_dirs(meta: dict, backend: str) -> tuple[list[str], str]:
