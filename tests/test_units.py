@@ -794,7 +794,7 @@ def test_report_renders_decode_section(decode_tables, tmp_path):
 def test_decode_time_figure(decode_tables, tmp_path):
     import plots
     _, tables = decode_tables
-    profile = plots._read(tables, "decode_profile")
+    profile = plots.read_table(tables, "decode_profile")
     seg = plots.decode_segments(profile)
     vllm = seg.loc["a vllm r16-qv-0"]
     assert vllm["w4a16_gemm"] == pytest.approx(900.0) and vllm["lora"] == pytest.approx(300.0)

@@ -12,8 +12,9 @@ import pandas as pd
 from int4lora.memory import attribute, kv_cache_bytes
 from int4lora.outputs import MEMORY_COLUMNS, TABLES
 from int4lora.profiling import CLASS_NAMES
-from int4lora.resultio import read_result, write_text_atomic
+from int4lora.resultio import read_result
 from int4lora.sources import SOURCES, load_sources, source_rows
+from int4lora.tables import write_tables
 
 STAT_KEYS = ("median", "ci_low", "ci_high", "p90", "p99", "std", "min", "max", "n")
 BENCH_METRICS = ("ttft_s", "ttft_engine_s", "tpot_s", "e2e_s", "e2e_tok_s", "decode_tok_s",
@@ -410,9 +411,7 @@ def main(inputs: list[str], outdir: str, missing: list[str] | None = None,
     if models:
         frames["sources"] = pd.DataFrame(source_rows(load_sources(sources_file or SOURCES),
                                                      frames, models, engines or {}, bandwidth))
-    Path(outdir).mkdir(parents=True, exist_ok=True)
-    for name, df in frames.items():
-        write_text_atomic(Path(outdir) / f"{name}.csv", df.to_csv(index=False))
+    write_tables(outdir, frames)
     return frames
 
 

@@ -12,17 +12,10 @@ from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 from int4lora import summary  # noqa: E402
 from int4lora.outputs import FIGURES  # noqa: E402
 from int4lora.profiling import CLASS_NAMES  # noqa: E402
+from int4lora.tables import read_table  # noqa: E402
 
 GIB, MIB = 2**30, 2**20
 NOT_PASSED = ("FAIL: do not trust", "unvalidated")
-
-
-def _read(tables: str, name: str) -> pd.DataFrame:
-    path = Path(tables) / f"{name}.csv"
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, FileNotFoundError):
-        return pd.DataFrame()
 
 
 def _empty(ax, text: str):
@@ -323,17 +316,17 @@ def main(tables: str, outdir: str, models: dict | None = None,
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     engines = engines or {}
-    status, validation = _read(tables, "status"), _read(tables, "validation")
-    note = summary.run_kind(status, models or {}, _read(tables, "quality"))
+    status, validation = read_table(tables, "status"), read_table(tables, "validation")
+    note = summary.run_kind(status, models or {}, read_table(tables, "quality"))
     verdict = summary.verdicts(validation)
-    bench = summary.mark_rows(_read(tables, "bench"), verdict)
-    overhead = summary.mark_rows(_read(tables, "overhead"), verdict)
+    bench = summary.mark_rows(read_table(tables, "bench"), verdict)
+    overhead = summary.mark_rows(read_table(tables, "overhead"), verdict)
     decode_speed(bench, out / "decode_throughput.png", engines, note)
     lora_overhead(overhead, out / "lora_overhead.png", engines, note)
-    memory_breakdown(_read(tables, "memory"), out / "memory_breakdown.png", note)
+    memory_breakdown(read_table(tables, "memory"), out / "memory_breakdown.png", note)
     ttft(bench, out / "ttft.png", engines, note)
-    weight_coverage(_read(tables, "coverage"), out / "weight_coverage.png")
-    decode_time(_read(tables, "decode_profile"), out / "decode_time.png")
+    weight_coverage(read_table(tables, "coverage"), out / "weight_coverage.png")
+    decode_time(read_table(tables, "decode_profile"), out / "decode_time.png")
     return [str(out / f"{name}.png") for name in FIGURES]
 
 

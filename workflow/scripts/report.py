@@ -16,14 +16,8 @@ from int4lora.outputs import FIGURE_CAPTIONS, FIGURES, STORY_FIGURES
 from int4lora.render import Block, Cell, Table
 from int4lora.resultio import write_text_atomic
 from int4lora.sources import NOT_IN_RUN
+from int4lora.tables import read_table
 from int4lora import views as V
-
-
-def _read(tables: Path, name: str) -> pd.DataFrame:
-    try:
-        return pd.read_csv(tables / f"{name}.csv")
-    except (pd.errors.EmptyDataError, FileNotFoundError):
-        return pd.DataFrame()
 
 
 def _figure(name: str) -> Block:
@@ -205,7 +199,7 @@ def sources_table(sources: pd.DataFrame) -> Table:
 def load(tables: Path, sources: list[dict], models: dict, engines: dict) -> dict:
     """Every table, with verdicts applied (validated on each speed row), memory components,
     the summary rows and the source comparison."""
-    t = {name: _read(tables, name) for name in
+    t = {name: read_table(tables, name) for name in
          ("bench", "overhead", "memory", "validation", "coverage", "quality", "decode_profile",
           "status", "noise_floor", "peer_check", "sources", "tuning", "job_times")}
     t["verdict"] = S.verdicts(t["validation"])
