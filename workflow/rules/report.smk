@@ -7,8 +7,8 @@ rule aggregate:
     output:
         *[report(f"{RESULTS}/tables/{table}.csv", caption="../report/tables.rst",
                  category="Tables", labels={"table": table}) for table in TABLES],
-        # sizes and hashes of the tables: plots and report stop on a table damaged since
-        f"{RESULTS}/tables/manifest.json",
+        # the tables' checksums: plots and report stop on a table damaged since
+        f"{RESULTS}/tables/SHA256SUMS",
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
         missing=missing_results(),

@@ -1,22 +1,22 @@
-"""The aggregated tables: written by aggregate with a manifest, read by plots and report through
-one function that stops on a table damaged since aggregate wrote it.
+"""The aggregated tables: written by aggregate with a checksum file, read by plots and report
+through one function that stops on a table damaged since aggregate wrote it.
 
 A truncated CSV still parses (a cut header becomes other columns, a cut row a row of blanks), so
-without a check the figures and the report would quietly lose rows. `manifest.json` beside the
-tables holds each table's size, SHA-256 and row count; tables without one (run folders written
-before it existed) are read as they are.
+without a check the figures and the report would quietly lose rows. `SHA256SUMS` beside the
+tables is in `sha256sum` format (`cd tables && sha256sum -c SHA256SUMS` checks it by hand) and not
+JSON, so that nothing that reads every result JSON mistakes it for a result. Tables without it
+(run folders written before it existed) are read as they are.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from .resultio import write_json_atomic, write_text_atomic
+from .resultio import write_text_atomic
 
-MANIFEST = "manifest.json"
+CHECKSUMS = "SHA256SUMS"
 REMEDY = "rebuild the tables from the result JSONs: snakemake --cores 1 -R aggregate"
 
 
@@ -25,36 +25,39 @@ class TableDamaged(ValueError):
 
 
 def write_tables(outdir: str | Path, frames: dict[str, pd.DataFrame]) -> None:
-    """Each table as CSV (atomically), then the manifest of all of them."""
+    """Each table as CSV (atomically), then the checksums of all of them."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    entries = {}
+    sums = []
     for name, df in frames.items():
         text = df.to_csv(index=False)
         write_text_atomic(outdir / f"{name}.csv", text)
-        data = text.encode()
-        entries[f"{name}.csv"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                                  "rows": len(df)}
-    write_json_atomic(outdir / MANIFEST, {"tables": entries})
+        sums.append(f"{hashlib.sha256(text.encode()).hexdigest()}  {name}.csv\n")
+    write_text_atomic(outdir / CHECKSUMS, "".join(sums))
+
+
+def _recorded(tables: Path) -> dict[str, str]:
+    sums = tables / CHECKSUMS
+    if not sums.is_file():
+        return {}
+    recorded = {}
+    for line in sums.read_text().splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise TableDamaged(f"{sums}: unreadable line {line!r}; {REMEDY}")
+        recorded[name] = digest
+    return recorded
 
 
 def read_table(tables: str | Path, name: str) -> pd.DataFrame:
     """One table (empty when aggregate wrote it empty or never wrote it), checked against the
-    manifest when there is one."""
+    recorded checksum when there is one."""
     path = Path(tables) / f"{name}.csv"
-    manifest = Path(tables) / MANIFEST
-    if manifest.is_file() and path.is_file():
-        try:
-            want = json.loads(manifest.read_text())["tables"].get(path.name)
-        except (ValueError, KeyError) as exc:
-            raise TableDamaged(f"{manifest}: unreadable ({exc}); {REMEDY}") from None
-        if want is not None:
-            data = path.read_bytes()
-            if len(data) != want["bytes"]:
-                raise TableDamaged(f"{path}: {len(data)} bytes, {want['bytes']} when aggregate "
-                                   f"wrote it (truncated?); {REMEDY}")
-            if hashlib.sha256(data).hexdigest() != want["sha256"]:
-                raise TableDamaged(f"{path}: changed since aggregate wrote it; {REMEDY}")
+    want = _recorded(Path(tables)).get(path.name)
+    if want is not None and path.is_file() \
+            and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        raise TableDamaged(f"{path}: changed since aggregate wrote it (truncated or edited); "
+                           f"{REMEDY}")
     try:
         return pd.read_csv(path)
     except (pd.errors.EmptyDataError, FileNotFoundError):
