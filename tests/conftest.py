@@ -14,12 +14,23 @@ RESULT_SCHEMA = ROOT / "workflow" / "schemas" / "result.schema.json"
 # VLLM_SRC names another tree). Tests that check our code against vLLM's read single files from
 # it; without it they skip, unless INT4LORA_REQUIRE_VLLM_SRC=1 (CI) makes that a failure.
 VLLM_SRC = Path(os.environ.get("VLLM_SRC") or ROOT / ".cache" / "vllm-src" / "vllm")
+REQUIRE_VLLM_SRC = os.environ.get("INT4LORA_REQUIRE_VLLM_SRC") == "1"
+
+
+def load_tool(name: str):
+    """A script of tools/ (names with hyphens too) as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"),
+                                                  ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def needs_vllm_src(*relpaths: str):
     """Mark: skip (or, under INT4LORA_REQUIRE_VLLM_SRC=1, fail) unless these vLLM files exist."""
     missing = [p for p in relpaths or ("__init__.py",) if not (VLLM_SRC / p).is_file()]
-    if missing and os.environ.get("INT4LORA_REQUIRE_VLLM_SRC") == "1":
+    if missing and REQUIRE_VLLM_SRC:
         return pytest.mark.usefixtures("vllm_src_is_required")
     return pytest.mark.skipif(bool(missing), reason=f"vLLM source not unpacked ({VLLM_SRC}; "
                                                     f"python tools/vllm-src.py)")
@@ -33,7 +44,7 @@ def vllm_src_is_required():
 def without_vllm_src(what: str):
     """Skip the calling test for want of `what` (fail instead under INT4LORA_REQUIRE_VLLM_SRC=1)."""
     message = f"{what} is missing under {VLLM_SRC} (python tools/vllm-src.py)"
-    if os.environ.get("INT4LORA_REQUIRE_VLLM_SRC") == "1":
+    if REQUIRE_VLLM_SRC:
         pytest.fail(f"INT4LORA_REQUIRE_VLLM_SRC=1 but {message}")
     pytest.skip(message)
 

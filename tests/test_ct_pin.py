@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, VLLM_SRC, needs_vllm_src
+from conftest import ROOT, VLLM_SRC, load_tool, needs_vllm_src
 
 pytest.importorskip("llmcompressor")
 CT_SITE = VLLM_SRC.parent / "ct"
@@ -19,12 +19,6 @@ ARCH = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
         "max_position_embeddings": 256, "initializer_range": 0.1, "num_local_experts": 4,
         "num_experts_per_tok": 2}
-
-
-def _env_pin(package):
-    sys.path.insert(0, str(ROOT / "tools"))
-    from envpins import ENVS, conda_env_pins
-    return conda_env_pins(ENVS / "vllm.yaml")[1][package]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,8 @@ def test_vllm_reads_llmcompressor_checkpoints_alike_with_its_pinned_compressed_t
     import compressed_tensors
     pinned = _probe(llmcompressor_checkpoint, str(CT_SITE))
     written = _probe(llmcompressor_checkpoint)
-    assert pinned["compressed_tensors"] == _env_pin("compressed-tensors") == "0.17.0"
+    assert pinned["compressed_tensors"] == \
+        load_tool("vllm-src").pinned_version("compressed-tensors") == "0.17.0"
     assert pinned["compressed_tensors_path"].startswith(str(CT_SITE))
     assert written["compressed_tensors"] == compressed_tensors.__version__ == "0.19.0"
     versionless = [{k: v for k, v in p.items() if not k.startswith("compressed_tensors")}

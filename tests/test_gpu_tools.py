@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_tool
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -82,14 +82,6 @@ def test_targets_an_earlier_lease_finished_are_not_asked_for_again(tmp_path):
     assert calls[1].startswith("tools/drop-stale-cache-results.py results/p")
 
 
-def _restored_gpu_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("restored_gpu", ROOT / "tools" / "restored-gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _result(path, gpu, device="cuda"):
     import json
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +89,7 @@ def _result(path, gpu, device="cuda"):
 
 
 def test_results_of_another_gpu_model_are_set_aside_not_mixed_in(tmp_path, capsys):
-    rg = _restored_gpu_module()
+    rg = load_tool("restored-gpu")
     root = tmp_path / "results" / "p"
     _result(root / "bench" / "m" / "e" / "r16.json", "NVIDIA H100 80GB HBM3")
     _result(root / "models" / "m.json", None, device="cpu")
@@ -110,7 +102,7 @@ def test_results_of_another_gpu_model_are_set_aside_not_mixed_in(tmp_path, capsy
 
 
 def test_this_gpu_reads_nvidia_smi_and_none_without_it(tmp_path, monkeypatch):
-    rg = _restored_gpu_module()
+    rg = load_tool("restored-gpu")
     smi = tmp_path / "nvidia-smi"
     smi.write_text('#!/bin/sh\n[ "$1" = --query-gpu=name ] && printf "NVIDIA H200\\nNVIDIA H200\\n"\n')
     smi.chmod(0o755)

@@ -1,6 +1,5 @@
 """Everyday reliability (issue 13): config-file errors, file modes, the schema draft, pinned
 environments in step, and rerunning only what failed."""
-import importlib.util
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SNAKEFILE, run_snakemake
+from conftest import ROOT, SNAKEFILE, load_tool, run_snakemake
 
 TOOLS = ROOT / "tools"
 OFFLINE = ROOT / "config" / "offline-cpu.yaml"
@@ -21,13 +20,6 @@ sys.path.insert(0, str(TOOLS))
 
 import configcheck  # noqa: E402
 import envpins  # noqa: E402
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run_tool(name, *args, cwd):
@@ -326,7 +318,7 @@ def test_rerun_failed_plans_only_the_failed_job_and_what_reads_it(tmp_path):
 
 
 def test_rerun_failed_finds_results_per_preset_and_names_broken_files(tmp_path):
-    rerun = _tool("rerun-failed")
+    rerun = load_tool("rerun-failed")
     root = tmp_path / "results"
     for rel, status in {"gpu/bench/m/vllm/r16.json": "oom", "gpu/bench/m/hf/r16.json": "ok",
                         "cpu/validate/m/hf/r16.json": "error", "bench/m/hf/none.json": "error",

@@ -1,14 +1,11 @@
 """tools/vllm-src.py: the vLLM wheel's Python files, unpacked whole or not at all."""
-import importlib.util
 import zipfile
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_tool
 
-spec = importlib.util.spec_from_file_location("vllm_src", ROOT / "tools" / "vllm-src.py")
-vllm_src = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vllm_src)
+vllm_src = load_tool("vllm-src")
 
 
 def _wheel(path, names):
