@@ -7,7 +7,7 @@ rule aggregate:
     output:
         *[report(f"{RESULTS}/tables/{table}.csv", caption="../report/tables.rst",
                  category="Tables", labels={"table": table}) for table in TABLES],
-        # the tables' checksums: plots and report stop on a table damaged since
+        # the tables' checksums: plots and report stop on a table damaged since aggregate wrote it
         f"{RESULTS}/tables/SHA256SUMS",
     params:
         outdir=lambda wildcards, output: os.path.dirname(output[0]),
