@@ -166,3 +166,16 @@ def test_engine_setting_names_the_checkpoint_the_engine_loaded():
     assert got["checkpoint"] == "mistral-de35658ab8e6"
     assert got["w4a16_kernel"] == "ExllamaLinearKernel"
     assert aggregate.engine_setting({"engine": "hf", "metrics": {}})["checkpoint"] is None
+
+
+def test_missing_rows_name_kind_model_engine_and_adapter():
+    """A partial report lists every result that did not run, by what it is; peer checks have no
+    adapter level (results/<preset>/peer_check/<model>/<engine>.json)."""
+    rows = aggregate.missing_rows([
+        "results/gpu-smoke/bench/tiny-mixtral/vllm/r16-qv.json",
+        "/abs/results/gpu-smoke/peer_check/tiny-mixtral/vllm.json",
+        "results/gpu-smoke/tuning/tiny-mixtral/vllm-tuned/r16-experts.json"])
+    got = [(r["kind"], r["model"], r["engine"], r["adapter"], r["status"]) for r in rows]
+    assert got == [("bench", "tiny-mixtral", "vllm", "r16-qv", "missing"),
+                   ("peer_check", "tiny-mixtral", "vllm", "–", "missing"),
+                   ("tuning", "tiny-mixtral", "vllm-tuned", "r16-experts", "missing")]

@@ -272,12 +272,18 @@ def tuning_rows(res: dict) -> list[dict]:
              "gpu": res["metrics"].get("gpu")} for r in res["metrics"].get("keys", [])]
 
 
+MISSING_KINDS = ("bench", "validate", "memory", "peer_check", "tuning")
+
+
 def missing_rows(paths: list[str]) -> list[dict]:
-    """results/<kind>/<model>/<engine>/<adapter>.json that a partial report lacks."""
+    """The results a partial report lacks: <kind>/<model>/<engine>/<adapter>.json, or
+    <kind>/<model>/<engine>.json for kinds without an adapter (peer_check)."""
     rows = []
     for path in paths:
-        parts = Path(path).with_suffix("").parts[-4:]
-        kind, model, engine, adapter = parts if len(parts) == 4 else ("?", "?", "?", "?")
+        parts = Path(path).with_suffix("").parts
+        at = max((i for i, p in enumerate(parts) if p in MISSING_KINDS), default=None)
+        kind, model, engine, adapter = (
+            [*parts[at:at + 4], "–", "–", "–"][:4] if at is not None else ["?", "?", "?", "?"])
         rows.append({"kind": kind, "model": model, "engine": engine, "adapter": adapter,
                      "status": "missing", "reason": "no result: this job did not run "
                      "(partial report)", "file": str(path)})
