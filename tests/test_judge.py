@@ -230,6 +230,34 @@ def test_multi_adapter_measurements_and_checks():
     assert checks["multi.mixed_batch"]["verdict"] == "PASS"
 
 
+def test_mixed_batch_is_judged_against_the_twin_slot_floor():
+    """One adapter in every slot of one batch moved by 0.03 against itself alone: a batch of
+    several active adapters has that spread without any adapter crossing, so the copies' 0.05 is
+    within 2 x 0.03; the copies' distinctness is measured against the wider floor too."""
+    c0 = shifted(BASE, [0.4] * 3, ZERO)
+    c1 = shifted(BASE, ZERO, [0.4] * 3)
+    alone = {"c0": c0, "c1": c1}
+    mixed = {"c0": shifted(c0, [0, 0.05, 0], ZERO), "c1": c1}
+    twins = {"alone": c0, "slot 1 of 2 in one batch": shifted(c0, [0, 0.03, 0], ZERO),
+             "slot 2 of 2 in one batch": c0}
+    m, checks = checks_of(engine_scorings(multi={"alone": alone, "mixed": mixed,
+                                                 "twins": twins}))
+    assert m["floor"]["multi"]["max"] == pytest.approx(0.03)
+    assert m["floor"]["multi"]["compositions"] == list(twins)
+    mixed_check = checks["multi.mixed_batch"]
+    assert mixed_check["floor"] == pytest.approx(0.03)
+    assert mixed_check["limit"] == pytest.approx(0.06) and mixed_check["verdict"] == "PASS"
+    differ = checks["multi.copies_differ"]
+    assert differ["floor"] == pytest.approx(0.03)
+    assert differ["value"] == pytest.approx(compare.norm(compare.delta(c0, c1)) / 0.03)
+    # twins that differ as much as the copies: the floor swallows the copies' difference, and
+    # copies_differ says so instead of letting a batch that crosses adapters pass
+    crossed = {"alone": c0, "slot 1 of 2 in one batch": c1, "slot 2 of 2 in one batch": c0}
+    _, checks = checks_of(engine_scorings(multi={"alone": alone, "mixed": mixed,
+                                                 "twins": crossed}))
+    assert checks["multi.copies_differ"]["verdict"] == "FAIL"
+
+
 # --------------------------------------------------------------------------- verdicts
 
 FLOOR = {"max": 0.2, "p99": 0.05, "norm_max": 0.25, "confident_flip_rate": 0.0}
@@ -377,6 +405,13 @@ def test_multi_checks_pass_and_fail():
     bad = by_id(measured(multi={"mixed_max": 0.5, "copies_min_norm": 1.0}))
     assert bad["multi.mixed_batch"]["verdict"] == "FAIL"
     assert bad["multi.copies_differ"]["verdict"] == "FAIL"
+    # the twin-slot floor widens both limits; without it (older results) the base floor alone
+    wide = {**FLOOR, "max": 0.3, "norm_max": 0.5}
+    twin = by_id(measured(multi={"mixed_max": 0.5, "copies_min_norm": 5.0},
+                          floor={"base": FLOOR, "adapter": FLOOR, "multi": wide}))
+    assert twin["multi.mixed_batch"]["limit"] == pytest.approx(0.6)
+    assert twin["multi.mixed_batch"]["verdict"] == "PASS"
+    assert twin["multi.copies_differ"]["value"] == pytest.approx(10.0)
 
 
 def test_overall_by_scope():

@@ -83,6 +83,13 @@ def test_two_adapter_copies_bench_and_validate(pipe, result_validator):
     differ = _check(val, "multi.copies_differ")
     assert differ["verdict"] == "PASS" and differ["value"] >= differ["limit"]
     assert _check(val, "multi.mixed_batch")["verdict"] == "PASS"
+    # the mixed batch's own floor: copy 0 under a second LoRA id, both in one batch
+    assert val["metrics"]["engine_info"]["adapters"] == [
+        "r16-qv-x2-0", "r16-qv-x2-1", "r16-qv-x2-0-twin1", "control-zero-b"]
+    twins = val["metrics"]["noise_floor"]["multi"]
+    assert twins["compositions"] == ["alone", "slot 1 of 2 in one batch",
+                                     "slot 2 of 2 in one batch"]
+    assert _check(val, "multi.mixed_batch")["floor"] >= twins["max"]
 
 
 def test_vllm_inflight_bnb_is_validated_against_the_nf4_weights_it_serves(pipe):

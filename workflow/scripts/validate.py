@@ -8,7 +8,11 @@ same inputs (int4lora.judge explains the limits). Measured:
   sequences likewise; per-position |delta log-prob| p50 / p99 / max and confident top-1 flips;
 - coverage: the share of linear and expert weights really stored in 4-bit;
 - lora: which adapter tensors reached a module; the adapter's effect against the floor; a zero-B
-  control in the same call and in separate calls; copies in one mixed batch where lora-xN is timed;
+  control in the same call and in separate calls; copies in one mixed batch where lora-xN is timed,
+  judged against a floor of their own: one adapter loaded under as many LoRA ids as the mixed
+  batch has copies, all of them in one batch ("twins"), against that adapter alone. Several
+  active adapters change the LoRA kernels' launch (vLLM's Punica shrink sums split-K partials
+  with atomics), which no single-adapter composition shows;
 - agreement: the engine vs the dequantized form of its own weights in fp32 (base, and with the
   adapter through PEFT), top-1 at confident positions and the error of the adapter's effect;
 - quality: perplexity of the original weights, INT4 and INT4+LoRA (real weights only).
@@ -52,7 +56,13 @@ def interleaved(engine, seqs, names: list, top_k: int) -> list[list]:
     return [got[j::len(names)] for j in range(len(names))]
 
 
-def engine_scorings(eng, seqs, adapter: str, copies: list[str], k: int) -> dict:
+def twin_names(adapter: str, copies: int) -> list[str]:
+    """Extra LoRA ids for the same adapter weights, so that one batch holds `copies` of it."""
+    return [f"{adapter}-twin{i}" for i in range(1, copies)]
+
+
+def engine_scorings(eng, seqs, adapter: str, copies: list[str], k: int,
+                    twins: list[str] = ()) -> dict:
     """Every scoring the checks need, from one engine (see the module docstring)."""
     n = len(seqs)
     uniform = {a: eng.score(seqs, [a] * n, k) for a in (None, adapter, CONTROL)}
@@ -74,20 +84,26 @@ def engine_scorings(eng, seqs, adapter: str, copies: list[str], k: int) -> dict:
                  for c in copies}
         out["multi"] = {"alone": alone, "mixed": dict(zip(copies, interleaved(eng, seqs, copies,
                                                                              k)))}
+        if twins:
+            slots = [adapter, *twins]
+            out["multi"]["twins"] = {"alone": uniform[adapter], **{
+                f"slot {i + 1} of {len(slots)} in one batch": s
+                for i, s in enumerate(interleaved(eng, seqs, slots, k))}}
     return out
 
 
 def run_engine(cfg, plan: dict, ctx: dict, device: str, log_path: str | None) -> dict:
     copies = ctx["copies"]
-    adapters = {**copies, CONTROL: ctx["control_path"]}
+    first = next(iter(copies))
+    multi = list(copies)[:max(plan["multi_adapter"] or [1])]
+    twins = twin_names(first, len(multi)) if len(multi) > 1 else []
+    adapters = {**copies, **{t: copies[first] for t in twins}, CONTROL: ctx["control_path"]}
     eng = make_engine(cfg, ctx["quant_path"], device=device, adapters=adapters,
                       lora=lora_plan(plan, len(adapters)), log_path=log_path,
                       capture_sizes=plan["capture_sizes"],
                       tuned_config_dir=ctx["tuned_config_dir"], in_process=True)
     try:
-        first = next(iter(copies))
-        multi = list(copies)[:max(plan["multi_adapter"] or [1])]
-        out = engine_scorings(eng, ctx["seqs"], first, multi, ctx["top_k"])
+        out = engine_scorings(eng, ctx["seqs"], first, multi, ctx["top_k"], twins)
         out["ppl"] = {a: perplexity(eng.score(ctx["ppl_seqs"], [a] * len(ctx["ppl_seqs"]),
                                               ctx["top_k"]))
                       for a in (None, first)} if ctx["real"] else {}
@@ -169,6 +185,8 @@ def measurements(e: dict, r: dict, ctx: dict, th: dict) -> dict:
             max(abs(d) for d in compare.delta(mixed[c], alone[c])) for c in names),
             "copies_min_norm": min(compare.norm(compare.delta(alone[a], alone[b]))
                                    for i, a in enumerate(names) for b in names[i + 1:])}
+        if e["multi"].get("twins"):
+            floor["multi"] = compare.noise_floor(e["multi"]["twins"], margin)
     return m
 
 

@@ -125,11 +125,20 @@ def control_checks(m: dict, th: dict) -> list[dict]:
     ]
 
 
+def widest(*floors: dict | None) -> dict:
+    """The larger spread of several noise floors (None: not measured)."""
+    got = [f for f in floors if f]
+    return {"max": max(f["max"] for f in got), "norm_max": max(f["norm_max"] for f in got)}
+
+
 def multi_checks(m: dict, th: dict) -> list[dict]:
+    """Copies in one batch against the base's floor and, where measured, the floor of one adapter
+    in every slot of one batch (validate.py: twins): a batch of several active adapters is
+    judged against the spread such batches have without any adapter crossing."""
     multi = m.get("multi")
     if not multi:
         return []
-    floor = m["floor"]["base"]
+    floor = widest(m["floor"]["base"], m["floor"].get("multi"))
     return [
         verdict("multi.mixed_batch", "adapter",
                 "adapter copies in one mixed batch vs each alone (max |delta|)",

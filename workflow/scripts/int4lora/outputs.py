@@ -24,7 +24,9 @@ TABLE_CAPTIONS = {
     "status": "Every result file with its status (ok / oom / unsupported / error / missing), "
               "reason and environment.",
     "noise_floor": "The spread an engine shows on identical inputs (the floor checks are "
-                   "judged against).",
+                   "judged against), per scope: base requests, adapter requests, and `multi`: "
+                   "one adapter in every LoRA slot of one batch (the floor of the mixed-batch "
+                   "check).",
     "peer_check": "Our end-to-end latency against `vllm bench latency` on the same checkpoint.",
     "sources": "The source reports' published figures beside ours.",
     "job_times": "One row per job that ran (Snakemake's benchmark files): wall seconds and peak "
