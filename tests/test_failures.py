@@ -136,8 +136,10 @@ def test_a_cancelled_vllm_job_leaves_no_engine_process_and_no_output(tmp_path, s
     script = tmp_path / "job.py"
     script.write_text(FAKE_ENGINE_JOB)
     marker = tmp_path / "core"
+    # started as from a detached shell (`nohup ... &`): SIGINT ignored, which the job inherits
     job = subprocess.Popen([sys.executable, str(script), str(ROOT / "workflow" / "scripts"),
-                            str(marker), str(model)])
+                            str(marker), str(model)],
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.time() + 60
     while not (marker.exists() and marker.read_text()) and time.time() < deadline:
         time.sleep(0.2)

@@ -52,6 +52,9 @@ def run(snakemake, main):
     from . import resultio
     resultio.RECORD_ERRORS = bool(snakemake.config.get("record_errors", False))
     signal.signal(signal.SIGTERM, terminate_as_exit)
+    # a shell without job control starts background commands with SIGINT ignored (nohup ... &,
+    # as a detached GPU session is started), and Python then never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     log = snakemake.log[0] if len(snakemake.log) else None
     with fd_redirect(log):
         try:
