@@ -96,7 +96,7 @@ def run_engine(cfg, plan: dict, ctx: dict, device: str, log_path: str | None) ->
     copies = ctx["copies"]
     first = next(iter(copies))
     multi = list(copies)[:max(plan["multi_adapter"] or [1])]
-    twins = twin_names(first, len(multi)) if len(multi) > 1 else []
+    twins = twin_names(first, len(multi))  # none for a single copy
     adapters = {**copies, **{t: copies[first] for t in twins}, CONTROL: ctx["control_path"]}
     eng = make_engine(cfg, ctx["quant_path"], device=device, adapters=adapters,
                       lora=lora_plan(plan, len(adapters)), log_path=log_path,
